@@ -1,0 +1,21 @@
+"""The one exception type that reaches users as a one-line message.
+
+Every check on user input (a path, a flag value, a checkpoint) raises :class:`TRPError`; the command
+line prints ``trp: error: <message>`` and exits with status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TRPError"]
+
+
+class TRPError(Exception):
+    """A user-facing error: bad input, an unsupported layer, a damaged file.
+
+    Example:
+        >>> try:
+        ...     raise TRPError("energy must be in (0, 1], got 1.5")
+        ... except TRPError as err:
+        ...     print(err)
+        energy must be in (0, 1], got 1.5
+    """

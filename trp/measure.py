@@ -1,0 +1,192 @@
+"""Accounting and timing: MACs and parameters traced at a real input size, and measured latency.
+
+MACs are counted for the layers that do the arithmetic (convolutions and Linear), per sample, from
+the shapes a forward pass actually produces, never from an assumed 32×32 input. Latency is measured
+with ``torch.utils.benchmark`` (warm-up, then the median of repeated blocks), so a speed-up can be
+reported as measured, not only as counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from trp.errors import TRPError
+
+__all__ = ["LayerCost", "Profile", "layer_macs", "trace_shapes", "profile", "latency_ms"]
+
+_COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+
+
+def layer_macs(module: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
+    """Multiply-accumulates of one conv or Linear layer for one sample.
+
+    Args:
+        module: The layer.
+        in_shape: Its input shape without the batch dimension.
+        out_shape: Its output shape without the batch dimension.
+
+    Example:
+        >>> layer_macs(nn.Conv2d(16, 32, 3, padding=1), (16, 8, 8), (32, 8, 8))
+        294912
+    """
+    if isinstance(module, nn.Linear):
+        return math.prod(out_shape) * module.in_features
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        # Every input element is scattered into out_channels/groups kernels.
+        return math.prod(in_shape) * (module.out_channels // module.groups) * math.prod(module.kernel_size)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return math.prod(out_shape) * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+    return 0
+
+
+def _example_input(model: nn.Module, input_shape: Sequence[int]) -> Tensor:
+    try:
+        ref = next(model.parameters())
+        device, dtype = ref.device, ref.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    return torch.zeros(1, *input_shape, device=device, dtype=dtype)
+
+
+def trace_shapes(
+    model: nn.Module, input_shape: Sequence[int], types: tuple[type, ...] = _COUNTED
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Input and output shapes (batch dimension dropped) of every module of the given types.
+
+    The model runs once in eval mode on a zero batch of one; its training flag is restored.
+
+    Example:
+        >>> shapes = trace_shapes(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2)), (3, 9, 9))
+        >>> shapes["0"]
+        ((3, 9, 9), (4, 4, 4))
+    """
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+
+            def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
+                shapes.setdefault(name, (tuple(args[0].shape[1:]), tuple(out.shape[1:])))
+
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(_example_input(model, input_shape))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TRPError(f"the model cannot take input of shape {tuple(input_shape)}: {first}") from None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+@dataclass
+class LayerCost:
+    """One counted layer: its name, type, shapes, MACs and own parameters."""
+
+    name: str
+    type: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    macs: int
+    params: int
+
+
+@dataclass
+class Profile:
+    """Totals and the per-layer table of :func:`profile`."""
+
+    macs: int
+    params: int
+    input_shape: tuple[int, ...]
+    layers: list[LayerCost] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The per-layer table as aligned text."""
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'type':<8} {'output':<16} {'MACs':>14} {'params':>10}"]
+        for layer in self.layers:
+            out = "×".join(map(str, layer.out_shape))
+            lines.append(f"{layer.name:<{width}}  {layer.type:<8} {out:<16} {layer.macs:>14,} {layer.params:>10,}")
+        lines.append(f"{'total':<{width}}  {'':<8} {'':<16} {self.macs:>14,} {self.params:>10,}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def profile(model: nn.Module, input_shape: Sequence[int]) -> Profile:
+    """Count MACs (conv and Linear) and parameters, traced at ``input_shape`` (no batch dim).
+
+    Example:
+        >>> from trp.models import create
+        >>> p = profile(create("resnet20"), (3, 32, 32))
+        >>> round(p.macs / 1e6, 2), round(p.params / 1e6, 2)
+        (40.55, 0.27)
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    shapes = trace_shapes(model, input_shape)
+    modules = dict(model.named_modules())
+    layers = []
+    for name, (ins, outs) in shapes.items():
+        module = modules[name]
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        layers.append(LayerCost(name, type(module).__name__, ins, outs, layer_macs(module, ins, outs), own))
+    params = sum(p.numel() for p in model.parameters())
+    return Profile(sum(layer.macs for layer in layers), params, input_shape, layers)
+
+
+def latency_ms(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    batch_size: int = 1,
+    threads: int | None = None,
+    min_run_time: float = 0.5,
+    channels_last: bool = False,
+) -> float:
+    """Median wall time of one forward pass in milliseconds, measured with ``torch.utils.benchmark``.
+
+    The model runs in eval mode under ``torch.inference_mode`` on its own device; the Timer warms up
+    and repeats blocks for at least ``min_run_time`` seconds and the median block time is reported.
+
+    Args:
+        model: The model to time.
+        input_shape: One sample's shape.
+        batch_size: Samples per forward pass.
+        threads: Torch intra-op threads during the measurement (default: the current setting).
+        min_run_time: Seconds of measurement after warm-up.
+        channels_last: Feed and run the model in channels-last memory format.
+
+    Example:
+        >>> ms = latency_ms(nn.Linear(8, 8), (8,), batch_size=4, min_run_time=0.05)
+        >>> ms > 0
+        True
+    """
+    from torch.utils import benchmark
+
+    x = _example_input(model, input_shape).expand(batch_size, *input_shape).contiguous()
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            timer = benchmark.Timer(
+                stmt="model(x)",
+                globals={"model": model, "x": x},
+                num_threads=threads or torch.get_num_threads(),
+            )
+            timer.timeit(2)  # warm-up: allocator, oneDNN primitive caches
+            result = timer.blocked_autorange(min_run_time=min_run_time)
+    finally:
+        model.train(was_training)
+    return result.median * 1e3
