@@ -258,7 +258,9 @@ class TensorData:
             if x.dtype != torch.uint8 or x.dim() != 4:
                 raise TRPError(f"{self.name}: {split} images must be uint8 [N, C, H, W], got {x.dtype} {list(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise TRPError(f"{self.name}: {split} labels must be int64 [{x.shape[0]}], got {y.dtype} {list(y.shape)}")
+                raise TRPError(
+                    f"{self.name}: {split} labels must be int64 [{x.shape[0]}], got {y.dtype} {list(y.shape)}"
+                )
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
             raise TRPError(f"{self.name}: train and test images differ in shape")
         c = self.x_train.shape[1]
@@ -478,21 +480,21 @@ _CIFAR: dict[str, _CifarSpec] = {
 }
 
 
-def _numpy_multiarray() -> Any:
-    # numpy 2 moved the module to numpy._core; going through numpy.core would raise a
+def _numpy_modules() -> tuple[Any, Any]:
+    # numpy 2 moved these modules to numpy._core; going through numpy.core would raise a
     # DeprecationWarning on every file.
     try:
-        from numpy._core import multiarray
+        from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 2
-        from numpy.core import multiarray  # type: ignore[no-redef]
-    return multiarray
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    return multiarray, numeric
 
 
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     import _codecs
     import builtins
 
-    multiarray = _numpy_multiarray()
+    multiarray, numeric = _numpy_modules()
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
@@ -505,6 +507,9 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = multiarray._reconstruct
         allowed[(module, "scalar")] = multiarray.scalar
+    # Pickle protocol 5 (Python 3.8+ default for HIGHEST_PROTOCOL) stores arrays via _frombuffer.
+    for module in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(module, "_frombuffer")] = numeric._frombuffer
     return allowed
 
 
@@ -526,7 +531,7 @@ class _CifarUnpickler(pickle.Unpickler):
             return self._allowed[(module, name)]
         except KeyError:
             raise TRPError(
-                f"{self._path}: refuses to unpickle {module}.{name} (only numpy arrays are allowed): "
+                f"{self._path}: refuses to unpickle {module}.{name} (only numpy arrays, lists and dicts are allowed): "
                 "not a CIFAR batch file"
             ) from None
 

@@ -46,6 +46,8 @@ __all__ = [
     "get_module",
     "set_module",
     "default_input_shape",
+    "fold_bn_",
+    "fold_bn_structure_",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -508,7 +510,8 @@ def plan(
         model: Any ``nn.Module``.
         scheme: A scheme name, or several tried in order per layer (``("channel", "linear")``).
         rank: A criterion (``trp.energy(0.9)`` by default, ``trp.value``, ``trp.fixed``,
-            ``trp.fraction``, or the whole-model ``trp.speedup``), or an int rank.
+            ``trp.fraction``, or the whole-model ``trp.speedup``), an int rank, or a dict of
+            per-layer ranks ``{name: k}``.
         filter_fn: ``filter_fn(module, name) -> bool`` picks the layers to consider.
         input_shape: One sample's shape for MACs accounting (default: :func:`default_input_shape`).
 
@@ -525,9 +528,9 @@ def plan(
     schemes = _schemes(scheme)
     if rank is None:
         rank = rank_mod.energy(0.9)
-    if isinstance(rank, bool) or not isinstance(rank, (int, rank_mod.Energy, rank_mod.Value, rank_mod.Fixed,
+    if isinstance(rank, bool) or not isinstance(rank, (int, dict, rank_mod.Energy, rank_mod.Value, rank_mod.Fixed,
                                                         rank_mod.Fraction, rank_mod.Speedup)):
-        raise TRPError(f"rank must be an int or a criterion such as trp.energy(0.9), got {rank!r}")
+        raise TRPError(f"rank must be an int, a {{layer: rank}} dict or a criterion such as trp.energy(0.9), got {rank!r}")
     if isinstance(rank, int):
         rank = rank_mod.fixed(rank)
     input_shape = tuple(int(d) for d in (input_shape or default_input_shape(model)))
@@ -536,7 +539,8 @@ def plan(
     macs_total = sum(layer_macs(modules[n], i, o) for n, (i, o) in shapes.items())
     params_total = sum(p.numel() for p in model.parameters())
     names = ", ".join(s.name for s in schemes)
-    result = Plan(list(input_shape), str(rank), macs_total, params_total)
+    label = "per-layer ranks" if isinstance(rank, dict) else str(rank)
+    result = Plan(list(input_shape), label, macs_total, params_total)
     cands: list[_Candidate] = []
     for name, (ins, outs) in shapes.items():
         module = modules[name]
@@ -565,12 +569,14 @@ def plan(
 
     if isinstance(rank, rank_mod.Speedup):
         ranks = _solve_speedup(cands, macs_total, rank.s)
+    elif isinstance(rank, dict):  # explicit per-layer ranks (e.g. from SVD training's pruning)
+        ranks = {c.lp.name: min(int(rank[c.lp.name]), c.lp.full_rank) if c.lp.name in rank else None for c in cands}
     else:
         ranks = {c.lp.name: rank.select(c.spectrum) for c in cands}
     for c in cands:
         lp, k = c.lp, ranks[c.lp.name]
         extra = sum(p.numel() for p in c.module.parameters(recurse=False)) - c.module.weight.numel()  # the bias
-        if k is None:  # the budget solver found the dense form cheaper
+        if k is None:  # the budget solver found the dense form cheaper, or no rank was given
             k = lp.full_rank
         lp.rank, lp.energy = k, rank_mod.kept_energy(c.spectrum, k)
         lp.macs_after = k * c.cost
@@ -661,4 +667,78 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             module = _checked_module(model, lp)
             replacements[lp.name] = SCHEMES[lp.scheme].build(module, lp.rank)
     _swap(model, replacements)
+    return model
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[list[str]]:
+    """Conv2d → BatchNorm2d pairs where the BN is the conv's only consumer, found by torch.fx."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # control flow fx cannot trace: fold nothing rather than guess
+        return []
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if type(bn) is not nn.BatchNorm2d or not bn.track_running_stats or not node.args:
+            continue
+        src = node.args[0]
+        conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
+        if type(conv) is nn.Conv2d and len(src.users) == 1 and conv.out_channels == bn.num_features:
+            pairs.append([str(src.target), str(node.target)])
+    return pairs
+
+
+def fold_bn_(model: nn.Module) -> list[list[str]]:
+    """Fold every inference-mode BatchNorm2d into the conv before it, in place.
+
+    BN after a conv is an affine map per output channel, so for inference it can be merged into
+    the conv's weight and bias: W' = W·γ/√(σ²+ε), b' = (b − μ)·γ/√(σ²+ε) + β. Folding before
+    decomposition removes a memory-bound pass per layer, which is what lets measured latency follow
+    the MACs. The BN becomes ``nn.Identity``. Only valid for evaluation (running statistics).
+
+    Returns:
+        The folded ``[conv, bn]`` name pairs (what :func:`fold_bn_structure_` needs to rebuild it).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        >>> x = torch.randn(1, 3, 5, 5); before = m(x)
+        >>> fold_bn_(m)
+        [['0', '1']]
+        >>> torch.allclose(m(x), before, atol=1e-5)
+        True
+    """
+    pairs = _conv_bn_pairs(model)
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = get_module(model, conv_name), get_module(model, bn_name)
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+            new_bias = (bias - bn.running_mean) * scale + shift
+            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+            set_module(model, bn_name, nn.Identity())
+    return pairs
+
+
+def fold_bn_structure_(model: nn.Module, pairs: Sequence[Sequence[str]]) -> nn.Module:
+    """Give a fresh model the structure :func:`fold_bn_` produced (conv bias, BN removed).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))
+        >>> fold_bn_structure_(m, [["0", "1"]])[1]
+        Identity()
+    """
+    for conv_name, bn_name in pairs:
+        try:
+            conv = get_module(model, conv_name)
+            get_module(model, bn_name)
+        except AttributeError:
+            raise TRPError(f"the folded-BN list does not fit this model (no {conv_name!r} / {bn_name!r})") from None
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
+        set_module(model, bn_name, nn.Identity())
     return model
