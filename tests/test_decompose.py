@@ -624,7 +624,7 @@ def test_plan_from_json_garbage_raises(channel_plan, tmp_path, make) -> None:
         trp.Plan.from_json(make(channel_plan, tmp_path))
 
 
-@pytest.mark.parametrize("scheme", CONV_SCHEMES + [("spatial", "linear")], ids=str)
+@pytest.mark.parametrize("scheme", CONV_SCHEMES + [("spatial", "linear")], ids=lambda v: "+".join(v) if isinstance(v, tuple) else v)
 def test_apply_plan_then_load_state_dict_reproduces(resnet20, scheme) -> None:
     """A fresh model given the plan's structure and the decomposed state_dict must compute identical outputs."""
     model = copy.deepcopy(resnet20)

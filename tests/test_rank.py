@@ -40,17 +40,17 @@ def _brute_energy_rank(s: torch.Tensor, e: float) -> int:
     return len(power)
 
 
-@pytest.mark.parametrize("e", [0.01, 0.3, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0])
-@pytest.mark.parametrize("seed", range(24))
-def test_energy_rank_matches_brute_force(seed: int, e: float) -> None:
+@pytest.mark.parametrize("seed", range(30))
+def test_energy_rank_matches_brute_force(seed: int) -> None:
     """energy_rank must be the smallest rank holding a fraction e of the energy (TRP Eq. 3)."""
     s = _random_spectrum(seed)
-    k = rank_mod.energy_rank(s, e)
-    assert k == _brute_energy_rank(s, e)
-    assert trp.energy(e).select(s) == k
-    assert rank_mod.kept_energy(s, k) >= e - 1e-9
-    if k > 1:
-        assert rank_mod.kept_energy(s, k - 1) < e
+    for e in (0.01, 0.3, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0, float(torch.rand(1, generator=torch.Generator().manual_seed(seed)))):
+        k = rank_mod.energy_rank(s, e)
+        assert k == _brute_energy_rank(s, e), e
+        assert trp.energy(e).select(s) == k
+        assert rank_mod.kept_energy(s, k) >= e - 1e-9
+        if k > 1:
+            assert rank_mod.kept_energy(s, k - 1) < e
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,7 @@ __all__ = [
     "default_input_shape",
     "fold_bn_",
     "fold_bn_structure_",
+    "compose",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -742,3 +743,24 @@ def fold_bn_structure_(model: nn.Module, pairs: Sequence[Sequence[str]]) -> nn.M
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
         set_module(model, bn_name, nn.Identity())
     return model
+
+
+def compose(module: nn.Sequential, scheme: str) -> Tensor:
+    """The dense weight a decomposed two-layer module computes (the inverse of ``build``).
+
+    Example:
+        >>> conv = nn.Conv2d(4, 6, 3)
+        >>> torch.allclose(compose(decompose_layer(conv, "spatial"), "spatial"), conv.weight, atol=1e-5)
+        True
+    """
+    a, b = module[0].weight.detach(), module[1].weight.detach()
+    if scheme == "linear":
+        return b @ a
+    if scheme == "channel":
+        return torch.einsum("nk,kchw->nchw", b[:, :, 0, 0], a)
+    if scheme == "spatial":
+        return torch.einsum("kcy,nkx->ncyx", a[..., 0], b[:, :, 0, :])
+    if scheme == "decouple":
+        n, k = b.shape[0], b.shape[1]
+        return torch.einsum("nkc,nkyx->ncyx", a[:, :, 0, 0].reshape(n, k, -1), b)
+    raise TRPError(f"unknown scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
