@@ -105,10 +105,10 @@ def test_fixed_caps_at_full_rank(k: int, n: int, expected: int) -> None:
 
 @pytest.mark.parametrize(
     "p, n, expected",
-    [(0.5, 16, 8), (0.5, 5, 3), (0.01, 5, 1), (1.0, 7, 7), (1 / 3, 3, 1), (0.3, 10, 3), (0.7, 10, 7), (0.71, 10, 8)],
+    [(0.5, 16, 8), (0.5, 5, 3), (0.01, 5, 1), (1.0, 7, 7), (1 / 3, 3, 1), (0.3, 10, 3), (0.07, 100, 7), (0.14, 100, 14), (0.29, 100, 29), (0.71, 10, 8)],
 )
 def test_fraction_rounds_up(p: float, n: int, expected: int) -> None:
-    """fraction(p) keeps ceil(p·n) values (exact products like 0.3·10 are not bumped up by round-off)."""
+    """fraction(p) keeps ceil(p·n) values; round-off such as 0.07·100 = 7.000000000000001 must not add one."""
     assert trp.fraction(p).select(torch.ones(n)) == expected
 
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from trp.checkpoint import load
 from trp.decompose import SCHEMES, LayerPlan, Plan, apply_plan, decompose_, decompose_layer, plan
 from trp.errors import TRPError
 from trp.measure import Profile, latency_ms, profile
@@ -33,6 +34,7 @@ __all__ = [
     "fixed",
     "fraction",
     "latency_ms",
+    "load",
     "parse",
     "plan",
     "profile",

@@ -15,6 +15,7 @@ Files:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import asdict, dataclass, field
@@ -113,7 +114,31 @@ def write_safetensors(path: str | Path, tensors: dict[str, Tensor], meta: dict) 
 
     # Copies: safetensors refuses tensors that share storage, and the caller's model may keep training.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata={"trp": json.dumps(meta)}))
+    atomic_write_bytes(path, _add_checksum(save(flat, metadata={"trp": json.dumps(meta)})))
+
+
+_CHECKSUM_KEY = "trp_sha256"
+
+
+def _digest(header: dict, payload: bytes | memoryview) -> str:
+    """SHA-256 of the header (without the checksum itself, keys sorted) and the tensor bytes."""
+    header = dict(header)
+    header["__metadata__"] = {k: v for k, v in header.get("__metadata__", {}).items() if k != _CHECKSUM_KEY}
+    h = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    h.update(payload)
+    return h.hexdigest()
+
+
+def _add_checksum(blob: bytes) -> bytes:
+    # safetensors has no checksum: a flipped byte in the tensor data would load as wrong weights.
+    # The digest goes into the header's metadata, so the file stays a plain safetensors file.
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + header_len])
+    payload = memoryview(blob)[8 + header_len :]
+    header.setdefault("__metadata__", {})[_CHECKSUM_KEY] = _digest(header, payload)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the tensor data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw + payload
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
@@ -144,10 +169,13 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     try:
         header = json.loads(data[8 : 8 + header_len])
         meta = json.loads(header.get("__metadata__", {}).get("trp", "null"))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError):
         raise TRPError(f"{path} is not a trp checkpoint (damaged safetensors header)") from None
     if not isinstance(meta, dict):
         raise TRPError(f"{path} is not a trp checkpoint (no trp metadata)")
+    expected = header["__metadata__"].get(_CHECKSUM_KEY)  # absent only in files written before checksums
+    if expected is not None and _digest(header, memoryview(data)[8 + header_len :]) != expected:
+        raise TRPError(f"{path} is damaged (checksum mismatch: its bytes changed after it was written)")
     try:
         tensors = st_load(data)
     except Exception as err:  # safetensors raises its own error types for damaged payloads

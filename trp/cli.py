@@ -145,7 +145,11 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict(values)
         summary = train(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
     _print_summary(summary)
-    return 130 if summary["stopped"] else 0
+    if summary["stopped"]:
+        print(f"trp: interrupted; {summary['run']} keeps the state after epoch {summary['epochs_done']} "
+              f"(continue with: trp train --resume {summary['run']})", file=sys.stderr)
+        return 130
+    return 0
 
 
 def _print_summary(s: dict) -> None:

@@ -150,6 +150,14 @@ def compress(
     from trp.train import evaluate, resolve_device
 
     criterion = rank_mod.parse(rank) if isinstance(rank, str) else rank
+    if finetune_epochs < 0:
+        raise TRPError(f"finetune must be >= 0 epochs, got {finetune_epochs}")
+    if not (math.isfinite(finetune_lr) and finetune_lr > 0):
+        raise TRPError(f"finetune-lr must be a finite number > 0, got {finetune_lr}")
+    if latency_batch < 1:
+        raise TRPError(f"latency-batch must be >= 1, got {latency_batch}")
+    if scheme is not None and scheme not in dec.SCHEMES:
+        raise TRPError(f"unknown scheme {scheme!r}; choose one of: {', '.join(dec.SCHEMES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise TRPError(f"{out} is not empty; choose another --out or pass --overwrite")
@@ -164,7 +172,12 @@ def compress(
     if list(data.input_shape) != list(spec.input_shape):
         raise TRPError(f"the data's input shape {list(data.input_shape)} is not the model's {spec.input_shape}")
     acc_before, _ = evaluate(model, data)
-    prof_before = profile(model, spec.input_shape)
+    if spec.svd_scheme:  # count the trained network as the dense network it computes
+        from trp.svd_training import to_dense_
+
+        prof_before = profile(to_dense_(copy.deepcopy(model)), spec.input_shape)
+    else:
+        prof_before = profile(model, spec.input_shape)
 
     layer_filter = default_filter(model)
     if spec.svd_scheme:

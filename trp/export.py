@@ -48,6 +48,8 @@ def export(model_path: str | Path, fmt: str, out: str | Path, batch_size: int = 
 def _export(model_path: str | Path, fmt: str, out: str | Path, batch_size: int = 1, atol: float = 1e-4) -> str:
     if fmt not in ("onnx", "torchscript"):
         raise TRPError(f"unknown export format {fmt!r}; choose onnx or torchscript")
+    if batch_size < 1:
+        raise TRPError(f"batch-size must be >= 1, got {batch_size}")
     model, spec, _ = ckpt.load_model(model_path)
     model.eval()
     x = torch.randn(batch_size, *spec.input_shape, generator=torch.Generator().manual_seed(0))

@@ -239,6 +239,14 @@ class TRP:
         if self.steps % self.period == 0:
             self._svd(project=self.project)
 
+    def project_now(self) -> None:
+        """Project every eligible weight onto its truncated SVD now (e.g. after the last step).
+
+        Ending training on a projection makes the trained network exactly low-rank, so that
+        decomposing it afterwards loses nothing.
+        """
+        self._svd(project=True)
+
     def ranks(self) -> dict[str, int]:
         """Each layer's rank at the latest SVD."""
         return {layer.name: int(layer.rank or 0) for layer in self.layers}

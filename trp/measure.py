@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from trp.errors import TRPError
 
-__all__ = ["LayerCost", "Profile", "layer_macs", "trace_shapes", "profile", "latency_ms"]
+__all__ = ["COUNTED", "LayerCost", "Profile", "layer_macs", "trace_shapes", "profile", "latency_ms"]
 
-_COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
 def layer_macs(module: nn.Module, in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
@@ -54,7 +54,7 @@ def _example_input(model: nn.Module, input_shape: Sequence[int]) -> Tensor:
 
 
 def trace_shapes(
-    model: nn.Module, input_shape: Sequence[int], types: tuple[type, ...] = _COUNTED
+    model: nn.Module, input_shape: Sequence[int], types: tuple[type, ...] = COUNTED
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """Input and output shapes (batch dimension dropped) of every module of the given types.
 
@@ -186,7 +186,12 @@ def latency_ms(
     finally:
         ext_log.setLevel(level)
 
-    x = _example_input(model, input_shape).expand(batch_size, *input_shape).contiguous()
+    if batch_size < 1:
+        raise TRPError(f"batch size must be >= 1, got {batch_size}")
+    try:
+        x = _example_input(model, input_shape).expand(batch_size, *input_shape).contiguous()
+    except RuntimeError as err:
+        raise TRPError(f"the model cannot take input of shape {tuple(input_shape)}: {str(err).strip()}") from None
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     was_training = model.training
@@ -197,7 +202,11 @@ def latency_ms(
                 stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads or torch.get_num_threads()
             )
             start = time.perf_counter()
-            timer.timeit(3)  # warm-up: allocator, oneDNN primitive caches
+            try:
+                timer.timeit(3)  # warm-up: allocator, oneDNN primitive caches
+            except RuntimeError as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise TRPError(f"the model cannot take input of shape {tuple(input_shape)}: {first}") from None
             once = max((time.perf_counter() - start) / 3, 1e-7)
             number = max(1, int(0.02 / once))
             blocks = max(5, int(min_run_time / (number * once)))

@@ -177,7 +177,10 @@ def resolve_device(name: str) -> torch.device:
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TRPError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TRPError("device cuda was asked for, but no CUDA device is available")
     return device
@@ -416,6 +419,7 @@ def train(
     start_epoch, rows, history = 0, [], []
     if resume:
         ckpt._load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, out)
+        ckpt.check_finite(model)
         ckpt.optimizer_from_tensors(optimizer, tensors, state_meta["optimizer"])
         if reg is not None:
             reg.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("trp.")})
@@ -429,6 +433,9 @@ def train(
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume:  # --overwrite: a run stopped before its first epoch must not resume into the old one
+            for stale in (ckpt.CHECKPOINT_FILE, "metrics.csv"):
+                (out / stale).unlink(missing_ok=True)
         cfg_doc = {"config": config.to_dict(), "world_size": world, "per_rank_batch": config.batch_size,
                    "global_batch": config.batch_size * world, "device": str(device), "torch": torch.__version__}
         atomic_write_text(out / "config.json", json.dumps(cfg_doc, indent=1))
@@ -439,6 +446,10 @@ def train(
     stopped = False
     with _StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
+            if stop.requested:  # Ctrl-C came during the last evaluation or checkpoint write
+                stopped = True
+                log(f"interrupted; {out} keeps the state after epoch {epoch}")
+                break
             if stop_after_epoch is not None and epoch >= stop_after_epoch:
                 stopped = True
                 break
@@ -473,6 +484,10 @@ def train(
                 seen += y.numel()
                 if stop.requested:
                     break
+            if reg is not None and reg.project and epoch == config.epochs - 1 and not stop.requested:
+                # End on a projection: the trained network is then exactly low-rank (TRP's output),
+                # and decomposing it with the paper's value threshold loses nothing.
+                reg.project_now()
             if stop.requested:
                 stopped = True
                 log(f"interrupted during epoch {epoch + 1}; {out} keeps the state after epoch {epoch}")

@@ -1,0 +1,159 @@
+"""Training runs, resuming, compression and the command line, end to end on real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import trp
+from trp.cli import main
+from trp.compress import compress
+from trp.errors import TRPError
+from trp.train import TrainConfig, lr_at, train
+
+CIFAR_MINI = Path(__file__).resolve().parents[1].parent / "shared/data/cifar10-mini/cifar-10-batches-py"
+needs_cifar = pytest.mark.skipif(not CIFAR_MINI.is_dir(), reason=f"needs the CIFAR-10 subset at {CIFAR_MINI} (../shared from the repo root)")
+
+QUIET = {"progress": False, "log": lambda s: None}
+
+
+def _metrics(run: Path) -> list[dict]:
+    with open(run / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Two OpenMP threads on a shared 2-core machine are slower than one; results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_config_validation() -> None:
+    """Out-of-range and non-finite settings are refused when the config is built."""
+    for bad in ({"energy": 0}, {"energy": 1.01}, {"period": 0}, {"nuclear": -1e-4}, {"epochs": 0}, {"lr": float("nan")},
+                {"batch_size": 0}, {"model": "resnet21"}, {"dataset": "mnist"}, {"method": "prune"}, {"scheme": "tucker"},
+                {"method": "svd", "scheme": "decouple"}, {"method": "nuclear", "nuclear": 0.0}, {"epochs": 2.5}):
+        with pytest.raises(TRPError):
+            TrainConfig(**bad)
+
+
+def test_lr_schedules() -> None:
+    """Cosine decays from lr to ~0 over the run; step multiplies by 0.1 at each listed epoch."""
+    c = TrainConfig(epochs=4, lr=0.2)
+    assert lr_at(c, 0, 0, 10) == pytest.approx(0.2)
+    assert lr_at(c, 2, 0, 10) == pytest.approx(0.1)
+    assert lr_at(c, 3, 9, 10) < 0.01
+    s = TrainConfig(epochs=164, lr=0.1, schedule="step", lr_steps=(81, 122))
+    assert [round(lr_at(s, e, 0, 1), 6) for e in (80, 81, 121, 122)] == [0.1, 0.01, 0.01, 0.001]
+
+
+def test_digits_run_writes_its_folder(tmp_path: Path) -> None:
+    """A run folder holds config.json, metrics.csv (one row per epoch) and a loadable checkpoint."""
+    run = tmp_path / "run"
+    summary = train(TrainConfig(dataset="digits", epochs=2, method="trp", period=5), run, **QUIET)
+    assert summary["epochs_done"] == 2 and not summary["stopped"]
+    rows = _metrics(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert float(rows[-1]["test_acc"]) == pytest.approx(summary["test_acc"])
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["config"]["method"] == "trp" and cfg["global_batch"] == 128
+    model = trp.load(run)
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None:
+    """Stopping after epoch 1 and resuming ends with exactly the metrics of a run never stopped."""
+    config = TrainConfig(dataset="digits", epochs=3, method="trp", period=4, energy=0.8, batch_size=64)
+    train(config, tmp_path / "whole", **QUIET)
+    part = train(config, tmp_path / "part", stop_after_epoch=1, **QUIET)
+    assert part["stopped"] and part["epochs_done"] == 1
+    train(config, tmp_path / "part", resume=True, **QUIET)
+    keys = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "mean_rank")
+    whole = [{k: r[k] for k in keys} for r in _metrics(tmp_path / "whole")]
+    resumed = [{k: r[k] for k in keys} for r in _metrics(tmp_path / "part")]
+    assert resumed == whole
+
+
+def test_trp_run_ranks_fall_and_compression_is_lossless_on_digits(tmp_path: Path) -> None:
+    """TRP lowers the ranks during training, and value:0.05 decomposition keeps the accuracy exactly."""
+    run = tmp_path / "trp"
+    train(TrainConfig(dataset="digits", epochs=4, method="trp", period=4, energy=0.8, lr=0.05), run, **QUIET)
+    rows = _metrics(run)
+    assert float(rows[-1]["mean_rank"]) < float(rows[0]["mean_rank"])
+    report = compress(run, tmp_path / "small", "value:0.05", latency_batch=8, check_latency=False, **{"log": lambda s: None})
+    assert report["macs_after"] < report["macs_before"]
+    assert abs(report["acc_after"] - report["acc_before"]) <= 0.5
+    assert (tmp_path / "small" / "plan.json").is_file()
+    keys = {"acc_before", "acc_after", "macs_before", "macs_after", "flops_speedup", "params_before", "params_after",
+            "latency_ms_before", "latency_ms_after"}
+    assert keys <= set(json.loads((tmp_path / "small" / "report.json").read_text()))
+
+
+@needs_cifar
+def test_cifar_mini_trp_then_compress_value_threshold(tmp_path: Path) -> None:
+    """A short TRP run on real CIFAR-10 images decomposes with value:0.05 within 0.5 pt, with fewer MACs."""
+    run, out = tmp_path / "run", tmp_path / "small"
+    code = main(["train", "--dataset", "cifar10", "--data-dir", str(CIFAR_MINI), "--method", "trp", "--epochs", "1",
+                 "--batch-size", "256", "--period", "4", "--lr", "0.05", "--out", str(run), "--no-progress"])
+    assert code == 0
+    code = main(["compress", str(run), "--rank", "value:0.05", "--latency-batch", "8", "--no-latency-check", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["acc_after"] - report["acc_before"]) <= 0.5
+    assert report["macs_after"] < report["macs_before"] == 40_551_040
+    assert main(["eval", str(out), "--json"]) == 0
+
+
+def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Success exits 0; bad input exits 2 with one 'trp: error:' line and no traceback."""
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--method", "baseline", "--out", str(run), "--no-progress"]) == 0
+    assert main(["eval", str(run)]) == 0
+    capsys.readouterr()
+    for argv in (["train", "--energy", "1.5", "--out", str(tmp_path / "x")],
+                 ["train", "--epochs", "1", "--out", str(run)],  # already holds a run
+                 ["eval", str(tmp_path / "missing")],
+                 ["compress", str(run), "--rank", "bogus:1", "--out", str(tmp_path / "c")],
+                 ["train", "--nuclear", "nan", "--out", str(tmp_path / "y")],
+                 ["frobnicate"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("trp: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_config_file_with_flag_override(tmp_path: Path) -> None:
+    """--config reads a JSON recipe and flags override its values."""
+    cfg = tmp_path / "recipe.json"
+    cfg.write_text(json.dumps({"model": "resnet20", "dataset": "digits", "method": "nuclear", "epochs": 5, "lr": 0.05}))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["epochs"] == 1 and saved["method"] == "nuclear" and saved["lr"] == 0.05
+
+
+def test_paper_recipes_parse() -> None:
+    """The committed recipes are valid configs with the paper's schedule."""
+    from trp.train import load_config_file
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.json"))
+    assert files
+    for f in files:
+        c = TrainConfig.from_dict(load_config_file(f))
+        assert c.epochs == 164 and c.lr_steps == (81, 122) and c.weight_decay == 1e-4
+
+
+def test_report_writes_plots(tmp_path: Path) -> None:
+    """trp report prints a per-layer table and writes the spectra and rank-history PNGs."""
+    run = tmp_path / "run"
+    train(TrainConfig(dataset="digits", epochs=1, method="trp", period=3), run, **QUIET)
+    assert main(["report", str(run)]) == 0
+    assert (run / "report" / "spectra.png").stat().st_size > 1000
+    assert (run / "report" / "ranks.png").stat().st_size > 1000
