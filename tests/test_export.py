@@ -64,7 +64,6 @@ def test_load_in_fresh_process_from_folder_alone(compressed: Path, tmp_path: Pat
         "x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))\n"
         "with torch.no_grad():\n"
         "    save_file({'y': m(x)}, sys.argv[2])\n"
-        "print(sum(type(mod).__name__ == 'Sequential' for mod in m.modules()))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(alone), str(tmp_path / "y.safetensors")],
                           capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
@@ -92,6 +91,7 @@ def test_export_onnx_matches_pytorch(compressed: Path, tmp_path: Path, capsys: p
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_export_torchscript_matches_pytorch(compressed: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`trp export --format torchscript` writes a module that reproduces the PyTorch outputs."""
     out = tmp_path / "m.pt"

@@ -14,8 +14,10 @@ Example:
 from __future__ import annotations
 
 from trp.checkpoint import load
-from trp.decompose import SCHEMES, LayerPlan, Plan, apply_plan, decompose_, decompose_layer, plan
+from trp.checkpoint import load
+from trp.decompose import SCHEMES, LayerPlan, Plan, apply_plan, decompose_, decompose_layer, fold_bn_, plan
 from trp.errors import TRPError
+from trp.hook import TRP, ramp
 from trp.measure import Profile, latency_ms, profile
 from trp.rank import energy, fixed, fraction, parse, speedup, value
 
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SCHEMES",
+    "TRP",
     "LayerPlan",
     "Plan",
     "Profile",
@@ -32,12 +35,15 @@ __all__ = [
     "decompose_layer",
     "energy",
     "fixed",
+    "fold_bn_",
+    "load",
     "fraction",
     "latency_ms",
     "load",
     "parse",
     "plan",
     "profile",
+    "ramp",
     "speedup",
     "value",
 ]

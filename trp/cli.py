@@ -123,10 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from trp.dist import init_from_env, rank_and_world, shutdown
+
+    init_from_env()  # under torchrun: one process per GPU (NCCL) or per CPU worker (gloo)
+    try:
+        summary = _train_run(args)
+        lead = rank_and_world()[0] == 0
+    finally:
+        shutdown()
+    if lead:
+        _print_summary(summary)
+    if summary["stopped"]:
+        if lead:
+            print(f"trp: interrupted; {summary['run']} keeps the state after epoch {summary['epochs_done']} "
+                  f"(continue with: trp train --resume {summary['run']})", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _train_run(args: argparse.Namespace) -> dict:
+    from trp.dist import rank_and_world
     from trp.train import TrainConfig, load_config_file, train
 
+    log = print if rank_and_world()[0] == 0 else (lambda s: None)
     if args.resume:
-        summary = train(TrainConfig(), args.resume, resume=True, progress=not args.no_progress)
+        return train(TrainConfig(), args.resume, resume=True, progress=not args.no_progress, log=log)
     else:
         if not args.out:
             raise TRPError("train needs --out RUN (or --resume RUN)")
@@ -143,18 +164,15 @@ def _train(args: argparse.Namespace) -> int:
             if any(not str(s).strip().lstrip("-").isdigit() for s in values["lr_steps"]):
                 raise TRPError(f"lr-steps must be whole numbers, got {','.join(map(str, values['lr_steps']))}")
         config = TrainConfig.from_dict(values)
-        summary = train(config, args.out, overwrite=args.overwrite, progress=not args.no_progress)
-    _print_summary(summary)
-    if summary["stopped"]:
-        print(f"trp: interrupted; {summary['run']} keeps the state after epoch {summary['epochs_done']} "
-              f"(continue with: trp train --resume {summary['run']})", file=sys.stderr)
-        return 130
-    return 0
+        return train(config, args.out, overwrite=args.overwrite, progress=not args.no_progress, log=log)
 
 
 def _print_summary(s: dict) -> None:
+    ddp = ""
+    if s.get("world_size", 1) > 1:
+        ddp = f"  {s['world_size']} processes, replicas {'bitwise identical' if s['replicas_identical'] else 'DIFFER'}"
     print(f"done: {s['run']}  method {s['method']} ({s['scheme']})  epochs {s['epochs_done']}  "
-          f"test acc {s['test_acc']:.2f}%  {s['mean_epoch_time_s']:.2f} s/epoch  wall {s['wall_time_s']:.1f} s")
+          f"test acc {s['test_acc']:.2f}%  {s['mean_epoch_time_s']:.2f} s/epoch  wall {s['wall_time_s']:.1f} s{ddp}")
 
 
 def _report_table(r: dict) -> str:

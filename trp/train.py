@@ -213,10 +213,9 @@ def lr_at(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> f
 
 
 def _dist() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    from trp.dist import rank_and_world
+
+    return rank_and_world()
 
 
 @torch.no_grad()
@@ -383,9 +382,11 @@ def train(
             config = TrainConfig.from_dict(state_meta["config"])
         except KeyError:
             raise TRPError(f"{out / ckpt.CHECKPOINT_FILE} is not a training checkpoint") from None
-    elif rank == 0:
+    else:  # read-only checks, on every rank so that no rank is left waiting for one that failed
         _prepare_out(out, config, False, overwrite)
     device = resolve_device(config.device)
+    if world > 1 and device.type == "cuda" and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's own GPU
     seed_everything(config.seed, config.deterministic)
     data = load_data(config.dataset, config.data_dir, config.download).to(device)
     model, spec = build_for(config, data)
@@ -446,7 +447,7 @@ def train(
     stopped = False
     with _StopRequest() as stop:
         for epoch in range(start_epoch, config.epochs):
-            if stop.requested:  # Ctrl-C came during the last evaluation or checkpoint write
+            if _agreed(stop.requested, world, device):  # Ctrl-C came during the last evaluation or write
                 stopped = True
                 log(f"interrupted; {out} keeps the state after epoch {epoch}")
                 break
@@ -482,19 +483,29 @@ def train(
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += y.numel()
-                if stop.requested:
+                halt = _agreed(stop.requested, world, device)
+                if halt:
                     break
-            if reg is not None and reg.project and epoch == config.epochs - 1 and not stop.requested:
+            else:
+                halt = False
+            if reg is not None and reg.project and epoch == config.epochs - 1 and not halt:
                 # End on a projection: the trained network is then exactly low-rank (TRP's output),
                 # and decomposing it with the paper's value threshold loses nothing.
                 reg.project_now()
-            if stop.requested:
+            if halt:
                 stopped = True
                 log(f"interrupted during epoch {epoch + 1}; {out} keeps the state after epoch {epoch}")
                 break
             if not torch.isfinite(loss_sum):
                 raise TRPError(f"training diverged in epoch {epoch + 1} (loss is not finite); try a lower --lr")
             epoch_time = time.perf_counter() - t0
+            if world > 1:  # training metrics over every rank's samples, not only rank 0's
+                from trp.dist import broadcast_buffers
+
+                broadcast_buffers(model)
+                sums = torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
+                torch.distributed.all_reduce(sums)
+                loss_sum, correct, seen = sums[0], sums[1], int(sums[2])
             test_acc, test_loss = evaluate(model, data, amp=config.amp)
             ranks = reg.ranks() if reg is not None else _svd_ranks(model) if svd_cfg is not None else {}
             if reg is not None:
@@ -510,13 +521,29 @@ def train(
                 _save_checkpoint(out, model, spec, optimizer, reg, config, epoch + 1, rows, history)
                 log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
                     f"test {row['test_acc']:.2f}%  {epoch_time:.1f}s" + (f"  mean rank {row['mean_rank']}" if ranks else ""))
+    from trp.dist import replicas_identical
+
+    identical = replicas_identical(model)
+    if not identical:
+        raise TRPError("the replicas' weights differ between ranks; the run is not trustworthy")
     summary = {
+        "world_size": world, "replicas_identical": identical if world > 1 else None,
         "run": str(out), "method": config.method, "scheme": config.scheme, "epochs_done": len(rows),
         "test_acc": rows[-1]["test_acc"] if rows else float("nan"),
         "mean_epoch_time_s": sum(r["epoch_time_s"] for r in rows) / len(rows) if rows else float("nan"),
         "wall_time_s": time.perf_counter() - wall0, "stopped": stopped,
     }
     return summary
+
+
+def _agreed(flag: bool, world: int, device: torch.device) -> bool:
+    """Under torch.distributed every rank must stop at the same step, or the others would wait
+    forever in the next all-reduce: a signal seen by any rank stops all of them."""
+    if world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _svd_ranks(model: nn.Module) -> dict[str, int]:
