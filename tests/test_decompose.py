@@ -642,11 +642,6 @@ def test_plan_from_json_garbage_raises(channel_plan, tmp_path, make) -> None:
         trp.Plan.from_json(make(channel_plan, tmp_path))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trp/decompose.py Plan.from_dict does not validate a decomposed layer's scheme and rank, so a "
-    "hand-edited plan fails later in apply_plan with KeyError/TypeError, or (rank 0) builds empty layers",
-)
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
 @pytest.mark.parametrize(
     "field, bad", [("scheme", "bogus"), ("scheme", None), ("rank", None), ("rank", 0), ("rank", "4")],

@@ -202,11 +202,6 @@ class _SharedLinear(nn.Module):
         return self.fc(torch.relu(self.fc(x)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trp/measure.py trace_shapes keeps only the first call of each module (shapes.setdefault), "
-    "so profile counts a module that runs twice only once",
-)
 def test_reused_module_counted_per_call() -> None:
     """A layer called twice in one forward costs twice its MACs; profile must agree with FlopCounterMode."""
     model = _SharedLinear()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from trp import rank as rank_mod
 from trp import svd as svd_mod
 from trp.errors import TRPError
-from trp.measure import layer_macs, trace_shapes
+from trp.measure import layer_macs, trace_calls
 
 __all__ = [
     "Scheme",
@@ -242,6 +242,8 @@ def _factors(module: nn.Module, scheme: Scheme, name: str) -> tuple[Tensor, Tens
 def _resolve_rank(rank: int | rank_mod.Criterion | None, s: Tensor) -> int:
     if rank is None:
         return s.shape[-1]
+    if isinstance(rank, bool):
+        raise TRPError(f"rank must be an int or a criterion, got {rank!r}")
     if isinstance(rank, int):
         return rank_mod.fixed(rank).select(svd_mod.spectrum(s))
     if isinstance(rank, rank_mod.Speedup):
@@ -346,9 +348,14 @@ class Plan:
             raise TRPError("not a trp plan (missing format 'trp-plan/1')")
         try:
             layers = [LayerPlan(**lp) for lp in d["layers"]]
-            return cls(list(d["input_shape"]), str(d["criterion"]), int(d["macs_before"]), int(d["params_before"]), layers)
+            plan = cls(list(d["input_shape"]), str(d["criterion"]), int(d["macs_before"]), int(d["params_before"]), layers)
         except (KeyError, TypeError, ValueError) as err:
             raise TRPError(f"damaged trp plan: {err}") from None
+        for lp in layers:
+            if lp.decomposed and (lp.scheme not in SCHEMES or isinstance(lp.rank, bool) or not isinstance(lp.rank, int)
+                                  or lp.rank < 1):
+                raise TRPError(f"damaged trp plan: layer {lp.name!r} has scheme {lp.scheme!r}, rank {lp.rank!r}")
+        return plan
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> "Plan":
@@ -535,19 +542,20 @@ def plan(
     if isinstance(rank, int):
         rank = rank_mod.fixed(rank)
     input_shape = tuple(int(d) for d in (input_shape or default_input_shape(model)))
-    shapes = trace_shapes(model, input_shape)
+    calls = trace_calls(model, input_shape)
     modules = dict(model.named_modules())
-    macs_total = sum(layer_macs(modules[n], i, o) for n, (i, o) in shapes.items())
+    macs_total = sum(layer_macs(modules[n], i, o) for n, shapes in calls.items() for i, o in shapes)
     params_total = sum(p.numel() for p in model.parameters())
     names = ", ".join(s.name for s in schemes)
     label = "per-layer ranks" if isinstance(rank, dict) else str(rank)
     result = Plan(list(input_shape), label, macs_total, params_total)
     cands: list[_Candidate] = []
-    for name, (ins, outs) in shapes.items():
+    for name, shapes in calls.items():
         module = modules[name]
         weight = getattr(module, "weight", None)
+        ins, outs = shapes[0]
         lp = LayerPlan(name, type(module).__name__, list(weight.shape) if weight is not None else [], list(ins),
-                       list(outs), layer_macs(module, ins, outs),
+                       list(outs), sum(layer_macs(module, i, o) for i, o in shapes),
                        sum(p.numel() for p in module.parameters(recurse=False)))
         result.layers.append(lp)
         if filter_fn is not None and not filter_fn(module, name):
@@ -566,7 +574,8 @@ def plan(
         u, s, vh = _factors(module, sch, name)
         spec = svd_mod.spectrum(s)
         lp.full_rank = int(spec.numel())
-        cands.append(_Candidate(lp, module, sch, (u, s, vh), spec, sch.macs_per_rank(module, ins, outs)))
+        cost = sum(sch.macs_per_rank(module, i, o) for i, o in shapes)  # a shared layer pays per call
+        cands.append(_Candidate(lp, module, sch, (u, s, vh), spec, cost))
 
     if isinstance(rank, rank_mod.Speedup):
         ranks = _solve_speedup(cands, macs_total, rank.s)

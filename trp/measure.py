@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from trp.errors import TRPError
 
-__all__ = ["COUNTED", "LayerCost", "Profile", "layer_macs", "trace_shapes", "profile", "latency_ms"]
+__all__ = ["COUNTED", "LayerCost", "Profile", "layer_macs", "trace_calls", "trace_shapes", "profile", "latency_ms"]
 
 COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
@@ -53,25 +53,29 @@ def _example_input(model: nn.Module, input_shape: Sequence[int]) -> Tensor:
     return torch.zeros(1, *input_shape, device=device, dtype=dtype)
 
 
-def trace_shapes(
+def trace_calls(
     model: nn.Module, input_shape: Sequence[int], types: tuple[type, ...] = COUNTED
-) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Input and output shapes (batch dimension dropped) of every module of the given types.
+) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Input and output shapes (batch dimension dropped) of every call of every module of the given
+    types: a module used twice in one forward pass (weight sharing) appears with two entries.
 
     The model runs once in eval mode on a zero batch of one; its training flag is restored.
 
     Example:
-        >>> shapes = trace_shapes(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2)), (3, 9, 9))
-        >>> shapes["0"]
-        ((3, 9, 9), (4, 4, 4))
+        >>> lin = nn.Linear(4, 4)
+        >>> calls = trace_calls(nn.Sequential(lin, lin), (4,))
+        >>> len(calls["0"])
+        2
     """
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    calls: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
     handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, types):
+    seen: dict[int, str] = {}
+    for name, module in model.named_modules():  # named_modules lists a shared module once
+        if isinstance(module, types) and id(module) not in seen:
+            seen[id(module)] = name
 
             def hook(mod: nn.Module, args: tuple, out: Tensor, name: str = name) -> None:
-                shapes.setdefault(name, (tuple(args[0].shape[1:]), tuple(out.shape[1:])))
+                calls.setdefault(name, []).append((tuple(args[0].shape[1:]), tuple(out.shape[1:])))
 
             handles.append(module.register_forward_hook(hook))
     was_training = model.training
@@ -79,14 +83,28 @@ def trace_shapes(
     try:
         with torch.no_grad():
             model(_example_input(model, input_shape))
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TRPError(f"the model cannot take input of shape {tuple(input_shape)}: {first}") from None
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return shapes
+    return calls
+
+
+def trace_shapes(
+    model: nn.Module, input_shape: Sequence[int], types: tuple[type, ...] = COUNTED
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Input and output shapes (batch dimension dropped) of the first call of every module of the
+    given types (see :func:`trace_calls` for every call).
+
+    Example:
+        >>> shapes = trace_shapes(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2)), (3, 9, 9))
+        >>> shapes["0"]
+        ((3, 9, 9), (4, 4, 4))
+    """
+    return {name: calls[0] for name, calls in trace_calls(model, input_shape, types).items()}
 
 
 @dataclass
@@ -134,13 +152,14 @@ def profile(model: nn.Module, input_shape: Sequence[int]) -> Profile:
         (40.55, 0.27)
     """
     input_shape = tuple(int(d) for d in input_shape)
-    shapes = trace_shapes(model, input_shape)
+    calls = trace_calls(model, input_shape)
     modules = dict(model.named_modules())
     layers = []
-    for name, (ins, outs) in shapes.items():
+    for name, shapes in calls.items():
         module = modules[name]
         own = sum(p.numel() for p in module.parameters(recurse=False))
-        layers.append(LayerCost(name, type(module).__name__, ins, outs, layer_macs(module, ins, outs), own))
+        macs = sum(layer_macs(module, i, o) for i, o in shapes)  # every call of a shared layer counts
+        layers.append(LayerCost(name, type(module).__name__, shapes[0][0], shapes[0][1], macs, own))
     params = sum(p.numel() for p in model.parameters())
     return Profile(sum(layer.macs for layer in layers), params, input_shape, layers)
 
