@@ -102,7 +102,7 @@ def finetune(model: nn.Module, data: Any, epochs: int, lr: float, batch_size: in
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        log(f"fine-tune epoch {epoch + 1}/{epochs}  loss {float(loss):.4f}")
+        log(f"fine-tune epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}")
     model.eval()
 
 
@@ -141,7 +141,8 @@ def compress(
         >>> from trp.train import TrainConfig, train
         >>> run = tempfile.mkdtemp()
         >>> _ = train(TrainConfig(dataset="digits", epochs=1), run, progress=False, log=lambda s: None)
-        >>> r = compress(run, tempfile.mkdtemp() + "/c", "speedup:2", latency_batch=8, overwrite=True, log=lambda s: None)
+        >>> r = compress(run, tempfile.mkdtemp() + "/c", "speedup:2", latency_batch=8, check_latency=False,
+        ...              overwrite=True, log=lambda s: None)
         >>> r["flops_speedup"] > 1.5
         True
     """
