@@ -625,7 +625,7 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> d
                 rank = args.svd_rank_criterion if method == "svd" else args.rank_criterion
                 log(f"compressing {key} with {rank}")
                 r = compress(train_info[key]["run"], comp_dir / _folder(key), rank, latency_batch=128, check_latency=True,
-                             overwrite=True, log=log)
+                             overwrite=True, log=log, min_run_time=args.min_run_time)
                 reports[(method, scheme)] = {**r, "folder": str(comp_dir / _folder(key))}
         macs_source: dict[str, str] = {}
         if set(POSTHOC) & set(args.method_list):
@@ -641,7 +641,7 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> d
                         f"{ft} fine-tuning epoch(s)")
                     r = compress(train_info["baseline"]["run"], comp_dir / _folder(key), f"speedup:{target!r}",
                                  scheme=scheme, finetune_epochs=ft, finetune_lr=args.finetune_lr, latency_batch=128,
-                                 check_latency=False, overwrite=True, log=log)
+                                 check_latency=False, overwrite=True, log=log, min_run_time=args.min_run_time)
                     reports[(method, scheme)] = {**r, "folder": str(comp_dir / _folder(key)), "macs_target": target}
 
         # (4) Training time per epoch, one run at a time in this process, after all training.

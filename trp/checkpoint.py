@@ -3,7 +3,9 @@
 Nothing here unpickles: a checkpoint is a safetensors file whose header metadata holds one JSON
 document (``"trp"``) with the model's specification (architecture, structure changes such as a
 decomposition plan or SVD parametrization) and, for training checkpoints, the run's state. A file
-crafted to execute code when unpickled is simply not a safetensors file and is refused.
+crafted to execute code when unpickled is simply not a safetensors file and is refused. The header
+also carries a SHA-256 of the header and the tensor bytes (``trp_sha256``), so a truncated or
+corrupted file is refused instead of loading as wrong weights.
 
 Files:
 

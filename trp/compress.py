@@ -118,6 +118,7 @@ def compress(
     check_latency: bool = True,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    min_run_time: float = 0.3,
 ) -> dict:
     """Decompose a trained run (or model) and write the compressed model and its report.
 
@@ -132,6 +133,8 @@ def compress(
         latency_batch: Batch size for the latency measurements.
         check_latency: Keep dense the layers whose decomposed form measures slower.
         overwrite: Allow ``out`` to hold a previous compression.
+        log: Where progress lines go.
+        min_run_time: Seconds per whole-model latency measurement (a third of it per layer check).
 
     Returns:
         The report dict (also written to ``out/report.json``).
@@ -173,13 +176,6 @@ def compress(
     if list(data.input_shape) != list(spec.input_shape):
         raise TRPError(f"the data's input shape {list(data.input_shape)} is not the model's {spec.input_shape}")
     acc_before, _ = evaluate(model, data)
-    if spec.svd_scheme:  # count the trained network as the dense network it computes
-        from trp.svd_training import to_dense_
-
-        prof_before = profile(to_dense_(copy.deepcopy(model)), spec.input_shape)
-    else:
-        prof_before = profile(model, spec.input_shape)
-
     layer_filter = default_filter(model)
     if spec.svd_scheme:
         # SVD training (Yang et al.) prunes by its own trained singular values: each layer becomes
@@ -198,7 +194,9 @@ def compress(
     model.eval()
     dense_ref = copy.deepcopy(model)
     dec.fold_bn_(dense_ref)
-    dense_ms, dense_fmt = best_latency(dense_ref, spec.input_shape, latency_batch)
+    # Counted like the result: the dense network with BatchNorm folded (MACs are the same either way).
+    prof_before = profile(dense_ref, spec.input_shape)
+    dense_ms, dense_fmt = best_latency(dense_ref, spec.input_shape, latency_batch, min_run_time)
     del dense_ref
     # Without fine-tuning, BN is folded first so the planner and the latency check see the layers
     # as they will run; fine-tuning wants BN, so then it is folded into the decomposed model after.
@@ -207,7 +205,7 @@ def compress(
     plan = dec.plan(model, scheme, criterion_for_plan, filter_fn=layer_filter, input_shape=spec.input_shape)
     plan.criterion = str(criterion)
     if check_latency:
-        plan = keep_faster(model, plan, latency_batch, channels_last=dense_fmt == "channels_last")
+        plan = keep_faster(model, plan, latency_batch, min_run_time / 3, channels_last=dense_fmt == "channels_last")
     dec.decompose_(model, plan=plan)
     if not fold_first:
         finetune(model, data, finetune_epochs, finetune_lr, config.get("batch_size", 128), config.get("seed", 0), log)
@@ -215,7 +213,7 @@ def compress(
     spec = replace(spec, bn_folded=bn_pairs, fold_after_plan=not fold_first, plan=plan.to_dict())
     acc_after, _ = evaluate(model, data)
     prof_after = profile(model, spec.input_shape)
-    low_ms, low_fmt = best_latency(model, spec.input_shape, latency_batch)
+    low_ms, low_fmt = best_latency(model, spec.input_shape, latency_batch, min_run_time)
 
     out.mkdir(parents=True, exist_ok=True)
     ckpt.save_model(out / ckpt.MODEL_FILE, model, spec, extra={"source": str(run), "config": config})
@@ -231,6 +229,7 @@ def compress(
         "latency_batch_size": latency_batch, "latency_device": str(device), "latency_threads": torch.get_num_threads(),
         "memory_format_before": dense_fmt, "memory_format_after": low_fmt,
         "latency_note": "both models with BatchNorm folded into the convs, eval mode, inference_mode; median of torch.utils.benchmark blocks",
+        "params_note": "both counts with BatchNorm folded into the convs",
         "finetune_epochs": finetune_epochs,
         "layers_decomposed": sum(lp.decomposed for lp in plan.layers),
         "layers_dense": [[lp.name, lp.reason] for lp in plan.layers if not lp.decomposed],

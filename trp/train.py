@@ -461,7 +461,8 @@ def train(
             seen = 0
             batches = data.train_batches(config.batch_size, epoch, config.seed, rank=rank, world_size=world)
             lr = config.lr
-            for step, (x, y) in enumerate(_progress(batches, steps_per_epoch, f"epoch {epoch + 1}", progress and rank == 0)):
+            bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{config.epochs}", progress and rank == 0)
+            for step, (x, y) in enumerate(bar):
                 lr = lr_at(config, epoch, step, steps_per_epoch)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -483,6 +484,8 @@ def train(
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += y.numel()
+                if step % 10 == 0 and hasattr(bar, "set_postfix"):  # a sync every 10 steps, only on a terminal
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100.0 * float(correct) / seen:.1f}%")
                 halt = _agreed(stop.requested, world, device)
                 if halt:
                     break
