@@ -17,3 +17,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_line_error(capsys: pytest.CaptureFixture):
+    """Run the CLI in-process; require exit != 0, exactly one stderr line 'trp: error: …', no traceback."""
+    from trp.cli import main
+
+    def run(argv: list) -> str:
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert rc != 0
+        lines = err.strip("\n").split("\n")
+        assert len(lines) == 1 and lines[0].startswith("trp: error:"), err
+        assert "Traceback" not in out + err
+        return lines[0]
+
+    return run

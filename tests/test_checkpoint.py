@@ -35,15 +35,6 @@ class _Evil:
         return (os.mkdir, (self.marker,))
 
 
-def _one_line_error(capsys: pytest.CaptureFixture, argv: list) -> str:
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc != 0
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("trp: error:"), err
-    assert "Traceback" not in out + err
-    return lines[0]
-
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
@@ -66,7 +57,7 @@ def test_malicious_payload_is_live(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("as_file", [ckpt.MODEL_FILE, ckpt.CHECKPOINT_FILE])
-def test_pickle_disguised_as_safetensors_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture, as_file: str) -> None:
+def test_pickle_disguised_as_safetensors_is_refused(tmp_path: Path, one_line_error, as_file: str) -> None:
     """A pickle named model/checkpoint.safetensors must be refused by eval, trp.load, export and resume, never run."""
     marker = tmp_path / "pwned"
     run = tmp_path / "run"
@@ -74,22 +65,22 @@ def test_pickle_disguised_as_safetensors_is_refused(tmp_path: Path, capsys: pyte
     (run / as_file).write_bytes(pickle.dumps(_Evil(marker), protocol=2))
     with pytest.raises(TRPError, match="not a trp checkpoint"):
         trp.load(run)
-    assert "not a trp checkpoint" in _one_line_error(capsys, ["eval", run])
-    assert "not a trp checkpoint" in _one_line_error(capsys, ["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"])
+    assert "not a trp checkpoint" in one_line_error(["eval", run])
+    assert "not a trp checkpoint" in one_line_error(["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"])
     if as_file == ckpt.CHECKPOINT_FILE:
-        assert "not a trp checkpoint" in _one_line_error(capsys, ["train", "--resume", run, "--no-progress"])
+        assert "not a trp checkpoint" in one_line_error(["train", "--resume", run, "--no-progress"])
     assert not marker.exists()
     assert not (tmp_path / "m.pt").exists()
 
 
-def test_torch_save_file_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_torch_save_file_is_refused(tmp_path: Path, one_line_error) -> None:
     """A torch.save'd .pt (a zip of pickles) given to trp.load or trp eval is refused without unpickling."""
     marker = tmp_path / "pwned"
     pt = tmp_path / "model.pt"
     torch.save({"state": _Evil(marker), "w": torch.ones(2)}, pt)
     with pytest.raises(TRPError, match="not a trp checkpoint"):
         trp.load(pt)
-    _one_line_error(capsys, ["eval", pt])
+    one_line_error(["eval", pt])
     assert not marker.exists()
 
 
@@ -108,7 +99,7 @@ def test_model_round_trip_and_plain_safetensors(model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("keep", [0, 5, 8, 100, 0.5, -1])
-def test_truncated_checkpoint_is_refused(model_dir: Path, capsys: pytest.CaptureFixture, keep: float) -> None:
+def test_truncated_checkpoint_is_refused(model_dir: Path, one_line_error, keep: float) -> None:
     """A file cut at any length (empty, inside the header, inside the data, one byte short) is a one-line error."""
     f = model_dir / ckpt.MODEL_FILE
     data = f.read_bytes()
@@ -116,11 +107,11 @@ def test_truncated_checkpoint_is_refused(model_dir: Path, capsys: pytest.Capture
     f.write_bytes(data[:n])
     with pytest.raises(TRPError, match="not a trp checkpoint|damaged|truncated"):
         trp.load(model_dir)
-    _one_line_error(capsys, ["eval", model_dir])
+    one_line_error(["eval", model_dir])
 
 
 @pytest.mark.parametrize("where", ["data", "header"])
-def test_corrupted_bytes_are_detected(model_dir: Path, capsys: pytest.CaptureFixture, where: str) -> None:
+def test_corrupted_bytes_are_detected(model_dir: Path, one_line_error, where: str) -> None:
     """Changed bytes that leave the file parseable (safetensors has no checksum) are caught by trp's digest."""
     f = model_dir / ckpt.MODEL_FILE
     data = bytearray(f.read_bytes())
@@ -135,7 +126,7 @@ def test_corrupted_bytes_are_detected(model_dir: Path, capsys: pytest.CaptureFix
     f.write_bytes(bytes(data))
     with pytest.raises(TRPError, match="damaged"):
         trp.load(model_dir)
-    assert "checksum" in _one_line_error(capsys, ["eval", model_dir])
+    assert "checksum" in one_line_error(["eval", model_dir])
 
 
 def test_file_without_checksum_still_loads(tmp_path: Path) -> None:
@@ -151,7 +142,7 @@ def test_file_without_checksum_still_loads(tmp_path: Path) -> None:
         assert torch.equal(trp.load(tmp_path)(x), model(x))
 
 
-def test_non_finite_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_non_finite_weights_are_refused(tmp_path: Path, one_line_error) -> None:
     """A model with a NaN weight loads nowhere: trp.load and trp eval name the tensor."""
     model = _model()
     with torch.no_grad():
@@ -159,7 +150,7 @@ def test_non_finite_weights_are_refused(tmp_path: Path, capsys: pytest.CaptureFi
     ckpt.save_model(tmp_path / ckpt.MODEL_FILE, model, SPEC)
     with pytest.raises(TRPError, match="non-finite.*layer1.0.conv1.weight"):
         trp.load(tmp_path)
-    assert "layer1.0.conv1.weight" in _one_line_error(capsys, ["eval", tmp_path])
+    assert "layer1.0.conv1.weight" in one_line_error(["eval", tmp_path])
 
 
 def test_foreign_safetensors_is_refused(tmp_path: Path) -> None:

@@ -22,15 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _one_line_error(capsys: pytest.CaptureFixture, argv: list) -> str:
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc != 0
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("trp: error:"), err
-    assert "Traceback" not in out + err
-    return lines[0]
-
 
 def _inputs(n: int = 5) -> torch.Tensor:
     return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -102,11 +93,11 @@ def test_export_torchscript_matches_pytorch(compressed: Path, tmp_path: Path, ca
         assert torch.allclose(torch.jit.load(str(out))(x), trp.load(compressed)(x), atol=1e-5, rtol=1e-5)
 
 
-def test_export_bad_input(compressed: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_bad_input(compressed: Path, tmp_path: Path, one_line_error) -> None:
     """Unknown format, bad batch size, damaged model, unwritable output: one-line errors, no file written."""
     out = tmp_path / "m.onnx"
-    assert "invalid choice: 'bogus'" in _one_line_error(capsys, ["export", compressed, "--format", "bogus", "--out", out])
-    assert "batch-size" in _one_line_error(capsys, ["export", compressed, "--format", "onnx", "--batch-size", "0",
+    assert "invalid choice: 'bogus'" in one_line_error(["export", compressed, "--format", "bogus", "--out", out])
+    assert "batch-size" in one_line_error(["export", compressed, "--format", "onnx", "--batch-size", "0",
                                                     "--out", out])
     damaged = tmp_path / "damaged"
     damaged.mkdir()
@@ -114,7 +105,7 @@ def test_export_bad_input(compressed: Path, tmp_path: Path, capsys: pytest.Captu
     data[len(data) // 2] ^= 0xFF
     (damaged / ckpt.MODEL_FILE).write_bytes(bytes(data))
     for fmt in ("onnx", "torchscript"):
-        assert "damaged" in _one_line_error(capsys, ["export", damaged, "--format", fmt, "--out", out])
+        assert "damaged" in one_line_error(["export", damaged, "--format", fmt, "--out", out])
     assert not out.exists()
     (tmp_path / "a_file").write_text("x")
-    _one_line_error(capsys, ["export", compressed, "--format", "torchscript", "--out", tmp_path / "a_file" / "m.pt"])
+    one_line_error(["export", compressed, "--format", "torchscript", "--out", tmp_path / "a_file" / "m.pt"])

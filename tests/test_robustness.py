@@ -40,16 +40,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBU
 FAST = ["--dataset", "digits", "--batch-size", "128", "--no-progress"]
 
 
-def _one_line_error(capsys: pytest.CaptureFixture, argv: list) -> str:
-    """Run the CLI in-process; require exit != 0 and exactly one stderr line 'trp: error: …'."""
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert rc != 0
-    lines = err.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("trp: error:"), err
-    assert "Traceback" not in out + err
-    return lines[0]
-
 
 def _check_subprocess_error(proc: subprocess.CompletedProcess | subprocess.Popen, err: str, out: str = "") -> str:
     assert proc.returncode == 2, err
@@ -134,9 +124,9 @@ BAD_FLAGS = [
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
-def test_bad_train_flag(tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str], message: str) -> None:
+def test_bad_train_flag(tmp_path: Path, one_line_error, flags: list[str], message: str) -> None:
     """Every invalid train flag is one line naming the flag and value, and nothing is written."""
-    line = _one_line_error(capsys, ["train", *FAST, *flags, "--out", tmp_path / "run"])
+    line = one_line_error(["train", *FAST, *flags, "--out", tmp_path / "run"])
     assert message in line
     assert not (tmp_path / "run").exists()
 
@@ -150,12 +140,12 @@ NUMERIC_FLAGS = [
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("command,flag", NUMERIC_FLAGS)
-def test_non_finite_numeric_flag(tmp_path: Path, capsys: pytest.CaptureFixture, command: str, flag: str, value: str) -> None:
+def test_non_finite_numeric_flag(tmp_path: Path, one_line_error, command: str, flag: str, value: str) -> None:
     """NaN or ±infinity in any numeric flag of any command is refused before anything runs."""
     argv = {"train": ["train", "--out", tmp_path / "o"], "compress": ["compress", tmp_path, "--out", tmp_path / "o"],
             "export": ["export", tmp_path, "--format", "onnx", "--out", tmp_path / "o"],
             "demo": ["demo", "--out", tmp_path / "o"]}[command]
-    line = _one_line_error(capsys, [*argv, f"{flag}={value}"])
+    line = one_line_error([*argv, f"{flag}={value}"])
     assert flag in line and value in line
     assert not (tmp_path / "o").exists()
 
@@ -163,18 +153,18 @@ def test_non_finite_numeric_flag(tmp_path: Path, capsys: pytest.CaptureFixture, 
 @pytest.mark.parametrize("rank,message", [("energy:nan", "energy must be finite"), ("energy:0", "energy must be in (0, 1]"),
                                           ("energy:1.5", "energy must be in (0, 1]"), ("speedup:inf", "must be finite"),
                                           ("bogus:1", "rank must look like NAME:NUMBER")])
-def test_bad_compress_rank(tmp_path: Path, capsys: pytest.CaptureFixture, rank: str, message: str) -> None:
+def test_bad_compress_rank(tmp_path: Path, one_line_error, rank: str, message: str) -> None:
     """A bad --rank criterion (non-finite, out of range, unknown method) is a one-line error."""
-    assert message in _one_line_error(capsys, ["compress", tmp_path, "--rank", rank, "--out", tmp_path / "o"])
+    assert message in one_line_error(["compress", tmp_path, "--rank", rank, "--out", tmp_path / "o"])
 
 
 @pytest.mark.parametrize("flags,message", [(["--finetune", "-1"], "finetune must be >= 0"),
                                            (["--latency-batch", "0"], "latency-batch must be >= 1"),
                                            (["--scheme", "bogus"], "unknown scheme 'bogus'")])
-def test_bad_compress_flag(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, flags: list[str],
+def test_bad_compress_flag(digits_run: Path, tmp_path: Path, one_line_error, flags: list[str],
                            message: str) -> None:
     """Out-of-range compress flags are refused up front, before the model is loaded or measured."""
-    assert message in _one_line_error(capsys, ["compress", digits_run, *flags, "--out", tmp_path / "o"])
+    assert message in one_line_error(["compress", digits_run, *flags, "--out", tmp_path / "o"])
     assert not (tmp_path / "o").exists()
 
 
@@ -183,57 +173,57 @@ def test_bad_compress_flag(digits_run: Path, tmp_path: Path, capsys: pytest.Capt
                                          ('{"epochs": 0}', "epochs must be >= 1"),
                                          ('{"model": "bogus"}', "unknown model 'bogus'"),
                                          ('{"energy": ', "cannot read config file")])
-def test_bad_config_file(tmp_path: Path, capsys: pytest.CaptureFixture, doc: str, message: str) -> None:
+def test_bad_config_file(tmp_path: Path, one_line_error, doc: str, message: str) -> None:
     """A JSON recipe gets the same checks as flags (Python's JSON reader accepts NaN and Infinity)."""
     cfg = tmp_path / "cfg.json"
     cfg.write_text(doc)
-    assert message in _one_line_error(capsys, ["train", "--config", cfg, "--out", tmp_path / "o"])
+    assert message in one_line_error(["train", "--config", cfg, "--out", tmp_path / "o"])
 
 
 # ------------------------------------------------------------------------------------------- bad data
 
 
-def test_missing_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_missing_data_folder(tmp_path: Path, one_line_error) -> None:
     """A data folder that does not exist is named, and the run folder is not created."""
-    line = _one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir", tmp_path / "nonexistent",
+    line = one_line_error(["train", "--dataset", "cifar10", "--data-dir", tmp_path / "nonexistent",
                                     "--out", tmp_path / "run"])
     assert "nonexistent does not exist" in line
     assert not (tmp_path / "run").exists()
 
 
-def test_empty_data_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_empty_data_folder(tmp_path: Path, one_line_error) -> None:
     """An empty data folder says which files were expected where."""
     (tmp_path / "data").mkdir()
-    line = _one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--out", tmp_path / "run"])
+    line = one_line_error(["train", "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--out", tmp_path / "run"])
     assert "no CIFAR-10 batch files" in line and "data_batch_1" in line
 
 
 @pytest.mark.parametrize("content,message", [(b"hello, not a pickle", "not a Python pickle"),
                                              (pickle.dumps([1, 2, 3], protocol=2), "holds a list, not a dict"),
                                              (pickle.dumps({"x": 1}, protocol=2), "missing key")])
-def test_wrong_format_data_files(tmp_path: Path, capsys: pytest.CaptureFixture, content: bytes, message: str) -> None:
+def test_wrong_format_data_files(tmp_path: Path, one_line_error, content: bytes, message: str) -> None:
     """Files named like CIFAR batches but holding something else are refused, naming the file."""
     data = _write_cifar(tmp_path / "data")
     (data / "data_batch_1").write_bytes(content)
-    line = _one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "run"])
+    line = one_line_error(["train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "run"])
     assert message in line and "data_batch_1" in line
 
 
-def test_truncated_batch_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_truncated_batch_file(tmp_path: Path, one_line_error) -> None:
     """A CIFAR test_batch cut in half is reported as truncated, naming the file."""
     data = _write_cifar(tmp_path / "data")
     raw = (data / "test_batch").read_bytes()
     (data / "test_batch").write_bytes(raw[: len(raw) // 2])
-    line = _one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "run"])
+    line = one_line_error(["train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "run"])
     assert "truncated" in line and "test_batch" in line
 
 
-def test_malicious_batch_file_is_not_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_malicious_batch_file_is_not_run(tmp_path: Path, one_line_error) -> None:
     """A planted pickle in the data folder is refused by the restricted unpickler; its code never runs."""
     data = _write_cifar(tmp_path / "data")
     marker = tmp_path / "pwned"
     (data / "data_batch_1").write_bytes(pickle.dumps({"data": _Evil(marker), "labels": []}, protocol=2))
-    line = _one_line_error(capsys, ["train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "run"])
+    line = one_line_error(["train", "--dataset", "cifar10", "--data-dir", data, "--out", tmp_path / "run"])
     assert "refuses to unpickle" in line
     assert not marker.exists()
 
@@ -249,22 +239,22 @@ def _relabel(arch_only: bool):  # noqa: ANN202
     return edit
 
 
-def test_checkpoint_of_another_architecture(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_checkpoint_of_another_architecture(digits_run: Path, tmp_path: Path, one_line_error) -> None:
     """resnet20 weights labelled resnet32 are refused by eval, compress, export and resume, naming a mismatch."""
     run = _rewrite_checkpoint(digits_run, tmp_path / "run", _relabel(arch_only=False))
     for argv in (["eval", run], ["compress", run, "--out", tmp_path / "c"],
                  ["export", run, "--format", "torchscript", "--out", tmp_path / "m.pt"],
                  ["train", "--resume", run, "--no-progress"]):
-        assert "does not fit this architecture" in _one_line_error(capsys, argv)
+        assert "does not fit this architecture" in one_line_error(argv)
     assert not (tmp_path / "c").exists() and not (tmp_path / "m.pt").exists()
     with pytest.raises(TRPError, match="does not fit this architecture"):
         trp.load(run)
     other = _rewrite_checkpoint(digits_run, tmp_path / "other", _relabel(arch_only=True))
-    assert "another architecture" in _one_line_error(capsys, ["train", "--resume", other, "--no-progress"])
+    assert "another architecture" in one_line_error(["train", "--resume", other, "--no-progress"])
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupted"])
-def test_damaged_training_checkpoint(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, damage: str) -> None:
+def test_damaged_training_checkpoint(digits_run: Path, tmp_path: Path, one_line_error, damage: str) -> None:
     """A truncated checkpoint, or one with flipped bytes in the middle, is refused by resume and eval."""
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
@@ -277,10 +267,10 @@ def test_damaged_training_checkpoint(digits_run: Path, tmp_path: Path, capsys: p
         data[mid : mid + 8] = bytes(b ^ 0xA5 for b in data[mid : mid + 8])
     f.write_bytes(bytes(data))
     for argv in (["train", "--resume", run, "--no-progress"], ["eval", run]):
-        assert "damaged" in _one_line_error(capsys, argv)
+        assert "damaged" in one_line_error(argv)
 
 
-def test_non_finite_weights_in_checkpoint(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_non_finite_weights_in_checkpoint(digits_run: Path, tmp_path: Path, one_line_error) -> None:
     """A checkpoint with a NaN or inf weight is refused by eval and by resume, naming the tensor."""
 
     def poison(tensors: dict, meta: dict) -> None:
@@ -289,13 +279,13 @@ def test_non_finite_weights_in_checkpoint(digits_run: Path, tmp_path: Path, caps
 
     run = _rewrite_checkpoint(digits_run, tmp_path / "run", poison)
     for argv in (["eval", run], ["train", "--resume", run, "--no-progress"]):
-        assert "non-finite" in _one_line_error(capsys, argv)
+        assert "non-finite" in one_line_error(argv)
     assert _ckpt_epoch(run) == 1  # refused, not trained on
 
 
-def test_resume_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_without_checkpoint(tmp_path: Path, one_line_error) -> None:
     """--resume on a folder with no checkpoint (or no folder) says so."""
-    assert "holds no checkpoint.safetensors" in _one_line_error(capsys, ["train", "--resume", tmp_path, "--no-progress"])
+    assert "holds no checkpoint.safetensors" in one_line_error(["train", "--resume", tmp_path, "--no-progress"])
 
 
 # --------------------------------------------------------------------------------------- input shapes
@@ -312,32 +302,32 @@ def test_input_size_the_model_cannot_take(shape: tuple[int, ...]) -> None:
             call()
 
 
-def test_eval_on_data_of_another_shape(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_eval_on_data_of_another_shape(digits_run: Path, tmp_path: Path, one_line_error) -> None:
     """Evaluating an 8x8 grey digits model on 32x32 colour CIFAR data is refused with both shapes named."""
     data = _write_cifar(tmp_path / "data")
-    line = _one_line_error(capsys, ["eval", digits_run, "--dataset", "cifar10", "--data-dir", data])
+    line = one_line_error(["eval", digits_run, "--dataset", "cifar10", "--data-dir", data])
     assert "[3, 32, 32]" in line and "[1, 8, 8]" in line
 
 
 # --------------------------------------------------------------------------------------- output folder
 
 
-def test_output_folder_holding_another_run(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_output_folder_holding_another_run(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture, one_line_error) -> None:
     """train/compress refuse a folder holding a different run, point to --resume for the same one; --overwrite works."""
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
     before = (run / ckpt.CHECKPOINT_FILE).read_bytes()
     same = ["train", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--no-progress", "--out", run]
-    assert f"--resume {run}" in _one_line_error(capsys, same)
+    assert f"--resume {run}" in one_line_error(same)
     other = ["train", "--dataset", "digits", "--method", "baseline", "--epochs", "1", "--batch-size", "256",
              "--no-progress", "--out", run]
-    assert "already holds a different run" in _one_line_error(capsys, other)
-    assert "not empty" in _one_line_error(capsys, ["compress", run, "--out", run])
+    assert "already holds a different run" in one_line_error(other)
+    assert "not empty" in one_line_error(["compress", run, "--out", run])
     assert (run / ckpt.CHECKPOINT_FILE).read_bytes() == before  # refused means untouched
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
-    assert "other files" in _one_line_error(capsys, [*other[:-1], notes])
+    assert "other files" in one_line_error([*other[:-1], notes])
 
     assert main([str(a) for a in [*other, "--overwrite"]]) == 0
     capsys.readouterr()
@@ -347,7 +337,7 @@ def test_output_folder_holding_another_run(digits_run: Path, tmp_path: Path, cap
 
 
 def test_overwrite_stopped_before_first_epoch_leaves_no_old_checkpoint(digits_run: Path, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture) -> None:
+                                                                       one_line_error) -> None:
     """After --overwrite, a new run stopped before its first epoch must not resume into the old run's checkpoint."""
     run = tmp_path / "run"
     shutil.copytree(digits_run, run)
@@ -355,13 +345,13 @@ def test_overwrite_stopped_before_first_epoch_leaves_no_old_checkpoint(digits_ru
     summary = train(config, run, overwrite=True, progress=False, log=lambda s: None, stop_after_epoch=0)
     assert summary["stopped"] and summary["epochs_done"] == 0
     assert not (run / ckpt.CHECKPOINT_FILE).exists() and not (run / "metrics.csv").exists()
-    assert "holds no checkpoint" in _one_line_error(capsys, ["train", "--resume", run, "--no-progress"])
+    assert "holds no checkpoint" in one_line_error(["train", "--resume", run, "--no-progress"])
 
 
 # ------------------------------------------------------------------------------------------- full disk
 
 
-def test_no_space_left_while_checkpointing(tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_no_space_left_while_checkpointing(tmp_path: Path, one_line_error,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC while writing epoch 2's checkpoint: one-line error; epoch 1's checkpoint intact, loadable, resumable."""
     real = trp_io.atomic_write
@@ -386,7 +376,7 @@ def test_no_space_left_while_checkpointing(tmp_path: Path, capsys: pytest.Captur
     run = tmp_path / "run"
     argv = ["train", "--dataset", "digits", "--method", "baseline", "--epochs", "2", "--batch-size", "256",
             "--no-progress", "--out", run]
-    line = _one_line_error(capsys, argv)
+    line = one_line_error(argv)
     assert "No space left on device" in line and ckpt.CHECKPOINT_FILE in line
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.safetensors", "config.json", "metrics.csv"]
     model, spec, meta = ckpt.load_model(run / ckpt.CHECKPOINT_FILE)
@@ -447,7 +437,7 @@ def test_trp_svd_float64_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ref.ranks() == reg.ranks()
 
 
-def test_svd_failure_is_one_line_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture,
+def test_svd_failure_is_one_line_cli_error(tmp_path: Path, one_line_error,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """If every SVD attempt fails, trp train stops with one line naming the layer, not a zero sub-gradient."""
 
@@ -455,7 +445,7 @@ def test_svd_failure_is_one_line_cli_error(tmp_path: Path, capsys: pytest.Captur
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (simulated)")
 
     monkeypatch.setattr(torch.linalg, "svd", never)
-    line = _one_line_error(capsys, ["train", *FAST, "--epochs", "1", "--out", tmp_path / "run"])
+    line = one_line_error(["train", *FAST, "--epochs", "1", "--out", tmp_path / "run"])
     assert "SVD of layer 'layer1.0.conv1' failed to converge" in line
 
 

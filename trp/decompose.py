@@ -49,6 +49,7 @@ __all__ = [
     "fold_bn_",
     "fold_bn_structure_",
     "compose",
+    "replace_modules",
 ]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -596,7 +597,14 @@ def plan(
     return result
 
 
-def _swap(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
+def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
+    """Put each new module at its dotted name; if any replacement fails, undo those already made.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> replace_modules(m, {"1": nn.Identity()}); m[1]
+        Identity()
+    """
     originals: dict[str, nn.Module] = {}
     try:
         for name, new in replacements.items():
@@ -637,7 +645,7 @@ def decompose_(
         module = _checked_module(model, lp)
         sch = SCHEMES[lp.scheme]
         replacements[lp.name] = sch.build(module, lp.rank, _factors(module, sch, lp.name))
-    _swap(model, replacements)
+    replace_modules(model, replacements)
     return model
 
 
@@ -676,7 +684,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         if lp.decomposed:
             module = _checked_module(model, lp)
             replacements[lp.name] = SCHEMES[lp.scheme].build(module, lp.rank)
-    _swap(model, replacements)
+    replace_modules(model, replacements)
     return model
 
 

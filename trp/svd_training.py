@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from trp import rank as rank_mod
 from trp import svd as svd_mod
-from trp.decompose import SCHEMES, LayerPlan, Plan, default_input_shape, get_module, set_module
+from trp.decompose import SCHEMES, LayerPlan, Plan, default_input_shape, replace_modules
 from trp.errors import TRPError
 from trp.hook import default_filter, unwrap
 from trp.measure import COUNTED, layer_macs, trace_shapes
@@ -395,18 +395,6 @@ def _aliases(net: nn.Module) -> dict[int, list[str]]:
     return out
 
 
-def _swap(net: nn.Module, replacements: dict[str, nn.Module]) -> None:
-    originals: dict[str, nn.Module] = {}
-    try:
-        for name, new in replacements.items():
-            originals[name] = get_module(net, name)
-            set_module(net, name, new)
-    except Exception:
-        for name, old in originals.items():  # roll back: the model is left as it was
-            set_module(net, name, old)
-        raise
-
-
 def svd_parametrize_(model: nn.Module, scheme: str = "channel", filter_fn: FilterFn | None = None) -> nn.Module:
     """Replace the eligible layers of a model by SVD-parametrized ones, in place, and return it.
 
@@ -457,7 +445,7 @@ def svd_parametrize_(model: nn.Module, scheme: str = "channel", filter_fn: Filte
         if svd_layers(net):  # already parametrized: calling twice is harmless
             return model
         raise TRPError("SVD training found no eligible layer (Conv2d with groups=1 or Linear accepted by filter_fn)")
-    _swap(net, replacements)
+    replace_modules(net, replacements)
     return model
 
 
@@ -803,7 +791,7 @@ def finalize_(
             built[id(layer)] = layer.to_dense(k)
             result.params_before += _own_params(layer.to_dense()) - _own_params(layer)
     replacements = {alias: built[key] for key in built for alias in aliases[key] if alias}
-    _swap(net, replacements)
+    replace_modules(net, replacements)
     return model, result
 
 
@@ -821,7 +809,7 @@ def to_dense_(model: nn.Module) -> nn.Module:
     net = unwrap(model)
     aliases = _aliases(net)
     built = {id(layer): layer.to_dense() for _, layer in svd_layers(net)}
-    _swap(net, {alias: built[key] for key in built for alias in aliases[key] if alias})
+    replace_modules(net, {alias: built[key] for key in built for alias in aliases[key] if alias})
     return model
 
 
@@ -850,5 +838,5 @@ def truncate_to_dense_(model: nn.Module, rank: RankArg = None) -> tuple[nn.Modul
         k = int(_select(criterion, name, layer.spectrum()))
         built.setdefault(id(layer), layer.to_dense(k))
         chosen[name] = k
-    _swap(net, {alias: built[key] for key in built for alias in aliases[key] if alias})
+    replace_modules(net, {alias: built[key] for key in built for alias in aliases[key] if alias})
     return model, chosen
