@@ -20,6 +20,7 @@ Schemes (the registry :data:`SCHEMES`):
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -60,7 +61,7 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class Scheme:
+class Scheme(abc.ABC):
     """How one kind of layer is laid out, costed and rebuilt. Subclasses fill in the details."""
 
     name = ""
@@ -80,14 +81,17 @@ class Scheme:
         m = svd_mod.to_matrix(module.weight.detach(), self.layout)
         return min(m.shape[-2], m.shape[-1])
 
+    @abc.abstractmethod
     def macs_per_rank(self, module: nn.Module, ins: Sequence[int], outs: Sequence[int]) -> int:
-        raise NotImplementedError  # every registered scheme overrides it
+        """MACs of the decomposed form per unit of rank, for one call with these shapes."""
 
+    @abc.abstractmethod
     def params_per_rank(self, module: nn.Module) -> int:
-        raise NotImplementedError  # every registered scheme overrides it
+        """Weights of the decomposed form per unit of rank (the bias comes on top)."""
 
+    @abc.abstractmethod
     def build(self, module: nn.Module, k: int, factors: tuple[Tensor, Tensor, Tensor] | None = None) -> nn.Sequential:
-        raise NotImplementedError  # every registered scheme overrides it
+        """The two-layer module of rank k; from the SVD ``factors`` (U, S, Vh), or untrained without them."""
 
     @staticmethod
     def _split(s: Tensor, k: int) -> Tensor:

@@ -33,6 +33,8 @@ paper trains; for CIFAR-sized layers the composition costs far less than the con
 
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
@@ -84,7 +86,7 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-class SVDLayer(nn.Module):
+class SVDLayer(nn.Module, abc.ABC):
     """Common part of :class:`SVDConv2d` and :class:`SVDLinear`: the factors and what they compose.
 
     Attributes:
@@ -171,8 +173,9 @@ class SVDLayer(nn.Module):
         u, s, vh = self.sorted_factors()
         return svd_mod.from_matrix(svd_mod.truncate(u, s, vh, k), self.layout, self.weight_shape)
 
+    @abc.abstractmethod
     def _dense_module(self) -> nn.Module:
-        raise NotImplementedError  # SVDConv2d and SVDLinear build their stock counterpart
+        """An untrained stock ``nn.Conv2d`` / ``nn.Linear`` with this layer's settings."""
 
     @torch.no_grad()
     def to_dense(self, k: int | None = None) -> nn.Module:
