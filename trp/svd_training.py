@@ -34,7 +34,6 @@ paper trains; for CIFAR-sized layers the composition costs far less than the con
 from __future__ import annotations
 
 import abc
-
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
