@@ -35,7 +35,8 @@ from trp import checkpoint as ckpt
 from trp.errors import TRPError
 from trp.io import atomic_write_text
 
-__all__ = ["TrainConfig", "METHODS", "train", "evaluate", "lr_at", "resolve_device", "load_config_file", "seed_everything"]
+__all__ = ["TrainConfig", "METHODS", "train", "evaluate", "lr_at", "recalibrate_bn", "resolve_device", "load_config_file",
+           "seed_everything"]
 
 METHODS = ("baseline", "trp", "nuclear", "svd")
 
@@ -493,8 +494,11 @@ def train(
                 halt = False
             if reg is not None and reg.project and epoch == config.epochs - 1 and not halt:
                 # End on a projection: the trained network is then exactly low-rank (TRP's output),
-                # and decomposing it with the paper's value threshold loses nothing.
+                # and decomposing it with the paper's value threshold loses nothing. The projection
+                # moves the weights under BatchNorm's running statistics, which no step follows to
+                # re-estimate, so they are recomputed for the projected weights.
                 reg.project_now()
+                recalibrate_bn(ddp_model, data, config.batch_size, epoch, config.seed, rank, world)
             if halt:
                 stopped = True
                 log(f"interrupted during epoch {epoch + 1}; {out} keeps the state after epoch {epoch}")
@@ -537,6 +541,42 @@ def train(
         "wall_time_s": time.perf_counter() - wall0, "stopped": stopped,
     }
     return summary
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Any, batch_size: int, epoch: int, seed: int, rank: int = 0,
+                   world: int = 1, max_batches: int = 50) -> int:
+    """Re-estimate BatchNorm running statistics for the current weights; returns the batches used.
+
+    The statistics are reset and averaged (momentum None) over up to ``max_batches`` training
+    batches in train mode without gradients; nothing else changes. The batches come from their own
+    seed, so a resumed run recomputes the same statistics.
+
+    Example:
+        >>> from trp.data import load
+        >>> from trp.models import create
+        >>> recalibrate_bn(create("resnet20", in_channels=1), load("digits"), 256, 0, 0)
+        6
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    was_training = model.training
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    model.train()
+    used = 0
+    for x, _ in data.train_batches(batch_size, 1_000_000 + epoch, seed, augment=True, rank=rank, world_size=world):
+        model(x)
+        used += 1
+        if used >= max_batches:
+            break
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    model.train(was_training)
+    return used
 
 
 def _agreed(flag: bool, world: int, device: torch.device) -> bool:
