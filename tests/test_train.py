@@ -157,3 +157,36 @@ def test_report_writes_plots(tmp_path: Path) -> None:
     assert main(["report", str(run)]) == 0
     assert (run / "report" / "spectra.png").stat().st_size > 1000
     assert (run / "report" / "ranks.png").stat().st_size > 1000
+
+
+def test_recalibrate_bn_matches_batch_statistics() -> None:
+    """BN running statistics after recalibration are the average of the batches' own statistics."""
+    from trp.data import load
+    from trp.models import create
+    from trp.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    model, data = create("resnet20", in_channels=1), load("digits")
+    model.bn1.running_mean.fill_(5.0)  # stale statistics, as after a projection
+    used = recalibrate_bn(model, data, 128, epoch=3, seed=0, max_batches=2)
+    assert used == 2
+    batches = [x for x, _ in data.train_batches(128, 1_000_000 + 3, 0)][:2]
+    with torch.no_grad():
+        means = torch.stack([model.conv1(x).mean(dim=(0, 2, 3)) for x in batches])
+    assert torch.allclose(model.bn1.running_mean, means.mean(0), atol=1e-5)
+    assert model.bn1.momentum == 0.1  # restored
+
+
+def test_trp_final_state_is_low_rank_and_consistent(tmp_path: Path) -> None:
+    """A TRP run ends on a projection with fresh BN statistics: its saved accuracy is what eval measures."""
+    run = tmp_path / "run"
+    summary = train(TrainConfig(dataset="digits", epochs=2, method="trp", period=5, energy=0.8), run, **QUIET)
+    from trp.data import load
+    from trp.train import evaluate
+
+    model = trp.load(run)
+    acc, _ = evaluate(model, load("digits"))
+    assert acc == pytest.approx(summary["test_acc"], abs=1e-3)  # metrics.csv rounds to 4 decimals
+    w = model.layer3[2].conv2.weight.detach()
+    rank = int(torch.linalg.matrix_rank(w.reshape(w.shape[0], -1).double(), rtol=1e-5))
+    assert rank < w.shape[0]
