@@ -31,6 +31,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        # mkstemp creates the file 0600; give the result the permissions an ordinary write would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     except OSError as err:
         raise TRPError(f"cannot write {path}: {err.strerror or err}") from None
     try:
