@@ -50,6 +50,15 @@ def layer_spectra(model: nn.Module, layout: str, plan: dec.Plan | None = None) -
     return out
 
 
+def _save(plt: object, fig: object, ax: object, path: Path, series: int) -> Path:
+    if series <= 20:  # beyond that a legend hides the lines
+        ax.legend(fontsize=5, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(path: str | Path, out: str | Path | None = None, scheme: str | None = None) -> str:
     """Write ``spectra.png`` (and ``ranks.png`` for runs with a rank history); return the table.
 
@@ -99,12 +108,7 @@ def write_report(path: str | Path, out: str | Path | None = None, scheme: str | 
     ax.set_xlabel("singular value index / full rank")
     ax.set_ylabel("σ_i / σ_1")
     ax.set_title(f"Singular-value spectra ({layout} layout): {path.name}")
-    if len(spectra) <= 20:
-        ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "spectra.png", dpi=120)
-    plt.close(fig)
-    written = [out / "spectra.png"]
+    written = [_save(plt, fig, ax, out / "spectra.png", len(spectra))]
 
     history = meta.get("rank_history") or []
     if history:
@@ -116,11 +120,6 @@ def write_report(path: str | Path, out: str | Path | None = None, scheme: str | 
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("rank at the energy criterion")
         ax.set_title(f"Rank over training: {path.name}")
-        if len(names) <= 20:
-            ax.legend(fontsize=5, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / "ranks.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "ranks.png")
+        written.append(_save(plt, fig, ax, out / "ranks.png", len(names)))
     lines.append("wrote " + ", ".join(str(w) for w in written))
     return "\n".join(lines)
