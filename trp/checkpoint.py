@@ -41,6 +41,7 @@ __all__ = [
     "optimizer_to_tensors",
     "optimizer_from_tensors",
     "check_finite",
+    "load_weights",
     "MODEL_FILE",
     "CHECKPOINT_FILE",
 ]
@@ -196,7 +197,13 @@ def check_finite(model: nn.Module) -> None:
             raise TRPError(f"the model has non-finite values (NaN or inf) in {name}")
 
 
-def _load_state(model: nn.Module, state: dict[str, Tensor], path: Path | str) -> None:
+def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path | str) -> None:
+    """Load a state dict strictly; a mismatch is a one-line TRPError naming the first offending key.
+
+    Example:
+        >>> m = nn.Linear(2, 2)
+        >>> load_weights(m, nn.Linear(2, 2).state_dict(), "example")
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -255,7 +262,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     spec = ModelSpec.from_dict(meta.get("model"))
     model = build_model(spec)
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    _load_state(model, state, file)
+    load_weights(model, state, file)
     check_finite(model)
     return model.to(device).eval(), spec, meta
 

@@ -420,7 +420,7 @@ def train(
 
     start_epoch, rows, history = 0, [], []
     if resume:
-        ckpt._load_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, out)
+        ckpt.load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, out)
         ckpt.check_finite(model)
         ckpt.optimizer_from_tensors(optimizer, tensors, state_meta["optimizer"])
         if reg is not None:
