@@ -47,6 +47,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as `python benchmarks/run.py` from a checkout that is not installed
     sys.path.insert(0, str(REPO))
 
+from trp.cli import finite_float, whole_number  # noqa: E402
 from trp.errors import TRPError  # noqa: E402
 from trp.io import atomic_write, atomic_write_text  # noqa: E402
 
@@ -76,23 +77,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _pos_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(v) or v < 0:
+    v = finite_float(text)
+    if v < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
     return v
 
 
 def _int(text: str) -> int:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not math.isfinite(v) or v != int(v) or v < 0:
+    v = whole_number(text)
+    if v < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return int(v)
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from trp.errors import TRPError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "finite_float", "whole_number"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
         raise TRPError(f"{self.prog.split()[-1] if ' ' in self.prog else 'trp'}: {message}")
 
 
-def _finite_float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (NaN and inf are refused with a one-line message)."""
     try:
         v = float(text)
     except ValueError:
@@ -34,7 +35,8 @@ def _finite_float(text: str) -> float:
     return v
 
 
-def _int(text: str) -> int:
+def whole_number(text: str) -> int:
+    """argparse type: a whole number, also written as 8.0 or 1e3."""
     try:
         v = float(text)
     except ValueError:
@@ -63,20 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--download", action="store_true", default=None, help="fetch CIFAR if the folder lacks it")
     t.add_argument("--method", help="baseline, trp, nuclear or svd")
     t.add_argument("--scheme", help="channel, spatial or decouple (svd: channel or spatial)")
-    t.add_argument("--energy", type=_finite_float)
-    t.add_argument("--energy-ramp", type=_finite_float, help="epochs over which energy falls from 1.0 to --energy")
-    t.add_argument("--period", type=_int)
-    t.add_argument("--nuclear", type=_finite_float)
-    t.add_argument("--orth", type=_finite_float, help="SVD training: orthogonality weight")
+    t.add_argument("--energy", type=finite_float)
+    t.add_argument("--energy-ramp", type=finite_float, help="epochs over which energy falls from 1.0 to --energy")
+    t.add_argument("--period", type=whole_number)
+    t.add_argument("--nuclear", type=finite_float)
+    t.add_argument("--orth", type=finite_float, help="SVD training: orthogonality weight")
     t.add_argument("--sparsity", help="SVD training: hoyer:W or l1:W")
-    t.add_argument("--epochs", type=_int)
-    t.add_argument("--lr", type=_finite_float)
-    t.add_argument("--momentum", type=_finite_float)
-    t.add_argument("--weight-decay", type=_finite_float)
-    t.add_argument("--batch-size", type=_int, help="per process")
+    t.add_argument("--epochs", type=whole_number)
+    t.add_argument("--lr", type=finite_float)
+    t.add_argument("--momentum", type=finite_float)
+    t.add_argument("--weight-decay", type=finite_float)
+    t.add_argument("--batch-size", type=whole_number, help="per process")
     t.add_argument("--schedule", help="cosine or step")
     t.add_argument("--lr-steps", help="comma-separated epochs for the step schedule, e.g. 81,122")
-    t.add_argument("--seed", type=_int)
+    t.add_argument("--seed", type=whole_number)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     t.add_argument("--amp", action="store_true", default=None)
     t.add_argument("--out", help="run folder (required unless --resume)")
@@ -88,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run")
     c.add_argument("--rank", default="value:0.05", help="value:T, energy:E, fixed:K, fraction:P or speedup:S")
     c.add_argument("--scheme", help="default: the run's scheme")
-    c.add_argument("--finetune", type=_int, default=0, metavar="EPOCHS")
-    c.add_argument("--finetune-lr", type=_finite_float, default=0.01)
+    c.add_argument("--finetune", type=whole_number, default=0, metavar="EPOCHS")
+    c.add_argument("--finetune-lr", type=finite_float, default=0.01)
     c.add_argument("--data-dir")
-    c.add_argument("--latency-batch", type=_int, default=128)
+    c.add_argument("--latency-batch", type=whole_number, default=128)
     c.add_argument("--no-latency-check", action="store_true", help="keep layers even if they measure slower")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
@@ -113,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("model")
     x.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     x.add_argument("--out", required=True)
-    x.add_argument("--batch-size", type=_int, default=1)
+    x.add_argument("--batch-size", type=whole_number, default=1)
 
     d = sub.add_parser("demo", help="offline end to end on digits: baseline and TRP, compression, comparison")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--epochs", type=_int, default=30)
+    d.add_argument("--epochs", type=whole_number, default=30)
     d.add_argument("--overwrite", action="store_true")
     return p
 

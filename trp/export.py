@@ -53,13 +53,11 @@ def _export(model_path: str | Path, fmt: str, out: str | Path, batch_size: int =
     model, spec, _ = ckpt.load_model(model_path)
     model.eval()
     x = torch.randn(batch_size, *spec.input_shape, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(x)
+    expected = model(x)  # the caller, export(), runs all of this under torch.no_grad
     out = Path(out)
     scale = max(1.0, float(expected.abs().max()))
     if fmt == "torchscript":
-        with torch.no_grad():
-            scripted = torch.jit.script(model)
+        scripted = torch.jit.script(model)
 
         def write(tmp: str) -> None:
             torch.jit.save(scripted, tmp)
