@@ -65,10 +65,10 @@ REQUIRED_KEYS = ("method", "scheme", "acc_before", "acc_after", "macs_speedup", 
 T_SPEEDUP, T_ACC_LOSS, T_DECOMP, T_POSTHOC_GAP, T_EPOCH, T_LATENCY = 2.5, 1.0, 0.3, 2.0, 1.05, 0.8
 
 # What --quick changes (a flag given explicitly still wins), and the defaults otherwise.
-QUICK = {"dataset": "digits", "epochs": 2, "finetune": 1, "period": 5, "min_run_time": 0.02, "timing_epochs": 2,
-         "threads": 1}
-DEFAULTS = {"dataset": "cifar10", "epochs": 15, "finetune": 3, "period": 20, "min_run_time": 1.0, "timing_epochs": 3,
-            "threads": None}
+QUICK = {"dataset": "digits", "epochs": 2, "finetune": 1, "period": 5, "min_run_time": 0.02, "timing_rounds": 1,
+         "latency_rounds": 1, "threads": 1}
+DEFAULTS = {"dataset": "cifar10", "epochs": 30, "finetune": 3, "period": 20, "min_run_time": 1.0, "timing_rounds": 2,
+            "latency_rounds": 3, "threads": None}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data-dir", help=f"CIFAR-format folder (default for cifar10: {DEFAULT_DATA})")
     a("--dataset", help="cifar10 (default), cifar100 or digits (bundled; what --quick uses)")
     a("--model", default="resnet20")
-    a("--epochs", type=_int, help="training epochs of every method (default 15; --quick 2)")
+    a("--epochs", type=_int, help="training epochs of every method (default 30; --quick 2)")
     a("--finetune", type=_int, help="K: fine-tuning epochs of posthoc+ft (default 3; --quick 1)")
     a("--finetune-lr", type=_pos_float, default=0.01, help="peak lr of that fine-tuning (cosine)")
     a("--lr", type=_pos_float, default=0.05)
@@ -105,16 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="cpu", help="training device (latency is always measured on the CPU)")
     a("--schemes", default="channel,spatial", help="comma-separated: channel, spatial (decouple: trained methods only)")
     a("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {','.join(ALL_METHODS)}")
-    a("--energy", type=_pos_float, default=0.9, help="TRP energy kept by each projection")
-    a("--energy-ramp", type=_pos_float, help="epochs over which energy falls from 1.0 (default: a third of --epochs)")
+    a("--energy", type=_pos_float, default=0.95,
+      help="TRP energy kept by each projection when --speedup is 0; also sets the nuclear method's sub-gradient rank")
+    a("--speedup", type=_pos_float, default=2.6,
+      help="trp, trp+nuclear: choose the ranks of all layers for this MACs speed-up instead of --energy (0: use --energy)")
+    a("--energy-ramp", type=_pos_float,
+      help="epochs over which the projection tightens from dense to --energy or --speedup (default 4/15 of --epochs)")
+    a("--freeze", type=finite_float,
+      help="trp, trp+nuclear: epochs after which the ranks stay fixed (default 7/15 of --epochs; -1: never)")
     a("--period", type=_int, help="optimizer steps between TRP projections (default 20; --quick 5)")
     a("--nuclear", type=_pos_float, default=3e-4, help="nuclear-norm weight of trp+nuclear")
     a("--nuclear-only", type=_pos_float, default=1e-3,
       help="nuclear-norm weight of the nuclear method (without projection a larger weight is needed to lower ranks)")
     a("--orth", type=_pos_float, default=1.0, help="SVD training: orthogonality weight")
-    a("--sparsity", default="hoyer:1e-3", help="SVD training: KIND:WEIGHT")
+    a("--sparsity", default="hoyer:0.3", help="SVD training: KIND:WEIGHT")
     a("--rank", default="value:0.05", help="decomposition criterion of the trp, trp+nuclear and nuclear runs")
-    a("--svd-rank", default="energy:0.99", help="pruning criterion of the svd runs")
+    a("--svd-rank", default="value:0.05", help="pruning criterion of the svd runs")
     a("--jobs", type=_int, default=2, help="training runs in parallel, one thread each")
     a("--name", help="results folder name (default MODEL-DATASET-eEPOCHS)")
     a("--out-root", default=str(HERE / "results"), help="where the results folder goes (default benchmarks/results)")
@@ -123,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="reuse finished training runs with the same config, continue unfinished ones")
     a("--min-run-time", type=_pos_float, help="seconds per latency measurement (default 1.0; --quick 0.02)")
     a("--threads", type=_int, help="torch threads of the timing and latency phases (default: this process's; --quick 1)")
-    a("--timing-epochs", type=_int, help="epochs of each in-process timing run, the first is warm-up (default 3; --quick 2)")
+    a("--latency-rounds", type=_int, help="rounds of the latency phase, each timing every model (default 3; --quick 1)")
+    a("--timing-rounds", type=_int,
+      help="rounds of the timing phase; each trains every run 2 epochs, the first warm-up (default 3; --quick 1)")
+    a("--timing-threads", type=_int, default=1,
+      help="torch threads of the timing phase (default 1, as the training runs; steadier than 2 on a small machine)")
     a("--quick", action="store_true", help="tiny budget on digits: checks the harness in about a minute")
     return p
 
@@ -163,10 +173,18 @@ def resolve(argv: Sequence[str]) -> argparse.Namespace:
     if args.data_dir is not None:
         args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     if args.energy_ramp is None:
-        args.energy_ramp = round(args.epochs / 3, 4)
-    for name, low in (("epochs", 1), ("jobs", 1), ("threads", 1), ("timing_epochs", 2), ("period", 1), ("batch_size", 1)):
+        args.energy_ramp = round(args.epochs * 4 / 15, 4)
+    if args.freeze is None:
+        args.freeze = round(args.epochs * 7 / 15, 4)
+    elif args.freeze < 0:
+        args.freeze = None  # never
+    if 0 < args.speedup < 1:
+        raise TRPError(f"--speedup must be >= 1 (or 0 for --energy), got {args.speedup}")
+    for name, low in (("epochs", 1), ("jobs", 1), ("threads", 1), ("timing_rounds", 1), ("timing_threads", 1),
+                      ("latency_rounds", 1),
+                      ("period", 1), ("batch_size", 1)):
         if getattr(args, name) < low:
-            extra = " (the first epoch is warm-up)" if name == "timing_epochs" else ""
+            extra = ""
             raise TRPError(f"--{name.replace('_', '-')} must be >= {low}{extra}, got {getattr(args, name)}")
     if args.min_run_time <= 0:
         raise TRPError("--min-run-time must be > 0")
@@ -215,7 +233,8 @@ def train_configs(args: argparse.Namespace) -> dict[str, Any]:
             elif method == "nuclear":
                 c = TrainConfig(**common, method="nuclear", scheme=scheme, nuclear=args.nuclear_only)
             else:
-                c = TrainConfig(**common, method="trp", scheme=scheme, nuclear=args.nuclear if method == "trp+nuclear" else 0.0)
+                c = TrainConfig(**common, method="trp", scheme=scheme, nuclear=args.nuclear if method == "trp+nuclear" else 0.0,
+                                speedup=args.speedup or None, freeze=args.freeze)
             configs[f"{method}-{scheme}"] = c
     # The baseline is always trained: the accuracy, latency and epoch-time references come from it.
     configs["baseline"] = TrainConfig(**common, method="baseline", nuclear=0.0)
@@ -333,20 +352,29 @@ def train_all(args: argparse.Namespace, configs: dict[str, Any], log: Callable[[
 
 
 def time_epochs(args: argparse.Namespace, configs: dict[str, Any], log: Callable[[str], None]) -> dict[str, dict]:
-    """Train each config for --timing-epochs in this process, one after another; keep the fastest warm epoch.
+    """Time training epochs of every config in this process, in interleaved rounds; keep the fastest warm epoch.
 
-    The learning-rate schedule follows the shorter run, which changes the numbers but not the cost of a step.
+    Each round trains every config for 2 epochs (the first is warm-up), in forward order in even rounds
+    and backward in odd ones, so that a slow spell of the machine does not land on one config only;
+    ``--timing-rounds`` sets how many. The learning-rate schedule follows the short run,
+    which changes the numbers but not the cost of a step.
     """
     from trp.train import train
 
+    keys = ["baseline", *[k for k in configs if k != "baseline"]]
+    warm: dict[str, list[float]] = {k: [] for k in keys}
+    first: dict[str, list[float]] = {k: [] for k in keys}
+    for rnd in range(args.timing_rounds):
+        for key in keys if rnd % 2 == 0 else keys[::-1]:
+            run = args.runs_dir / "timing" / _folder(key)
+            train(replace(configs[key], epochs=2), run, overwrite=True, progress=False, log=lambda s: None)
+            times = [float(r["epoch_time_s"]) for r in read_metrics(run)]
+            first[key].append(times[0])
+            warm[key].extend(times[1:])
     out = {}
-    for key in ["baseline", *[k for k in configs if k != "baseline"]]:
-        run = args.runs_dir / "timing" / _folder(key)
-        train(replace(configs[key], epochs=args.timing_epochs), run, overwrite=True, progress=False, log=lambda s: None)
-        times = [float(r["epoch_time_s"]) for r in read_metrics(run)]
-        warm = times[1:]
-        out[key] = {"epoch_time_s": min(warm), "warm_epoch_times_s": warm, "first_epoch_s": times[0]}
-        log(f"timed {key}: {min(warm):.3f} s/epoch (warm epochs: {', '.join(f'{t:.3f}' for t in warm)} s)")
+    for key in keys:
+        out[key] = {"epoch_time_s": min(warm[key]), "warm_epoch_times_s": warm[key], "first_epoch_s": first[key][0]}
+        log(f"timed {key}: {min(warm[key]):.3f} s/epoch (warm epochs: {', '.join(f'{t:.3f}' for t in warm[key])} s)")
     return out
 
 
@@ -402,9 +430,13 @@ def check_targets(entries: list[dict], baseline_acc: float, args: argparse.Names
                 missed.append(f"{short:.2f}x of speed-up")
                 slower = sum("measured slower" in why for _, why in tn["layers_dense"])
                 dense_note = f"; {slower} layer(s) kept dense by the latency check" if slower else ""
-                reasons.append(f"the ranks did not fall far enough in {args.epochs} epochs (final mean rank "
-                               f"{_fmt(tn.get('final_mean_rank'), '.1f')}, decomposed with {tn['rank']}{dense_note}); "
-                               "more epochs, a lower --energy or a larger --nuclear lower them")
+                if args.speedup:
+                    reasons.append(f"training chose ranks for {args.speedup:g}x (final mean rank "
+                                   f"{_fmt(tn.get('final_mean_rank'), '.1f')}){dense_note}; a larger --speedup lowers them")
+                else:
+                    reasons.append(f"the ranks did not fall far enough in {args.epochs} epochs (final mean rank "
+                                   f"{_fmt(tn.get('final_mean_rank'), '.1f')}, decomposed with {tn['rank']}{dense_note}); "
+                                   "more epochs, a lower --energy, a larger --nuclear or --speedup lower them")
             if over > 0:
                 missed.append(f"{over:.2f} pt of accuracy")
                 trained_loss = baseline_acc - tn["acc_before"]
@@ -428,7 +460,8 @@ def check_targets(entries: list[dict], baseline_acc: float, args: argparse.Names
                     add(2, t2, scheme, method, "", None)
                 continue
             change = e["acc_after"] - e["acc_before"]
-            reason = (f"{e['rank']} dropped singular values that the last projection kept (it keeps energy {args.energy}, "
+            reason = (f"{e['rank']} dropped singular values that the last projection kept (it keeps "
+                      f"{f'the ranks of {args.speedup:g}x' if args.speedup else f'energy {args.energy}'}, "
                       f"the threshold cuts every sigma below it), so the decomposed network is not the trained one; "
                       f"one test image is {one_image:.2f} pt")
             add(2, t2, scheme, method, f"{change:+.2f} pt ({e['acc_before']:.2f}% -> {e['acc_after']:.2f}%)",
@@ -640,21 +673,39 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> d
                     reports[(method, scheme)] = {**r, "folder": str(comp_dir / _folder(key)), "macs_target": target}
 
         # (4) Training time per epoch, one run at a time in this process, after all training.
-        log(f"timing phase: {args.timing_epochs} epochs of each run, one at a time, {args.threads} thread(s)")
+        log(f"timing phase: {args.timing_rounds} round(s) of 2 epochs of each run, one at a time, "
+            f"{args.timing_threads} thread(s)")
+        torch.set_num_threads(args.timing_threads)
         timing = time_epochs(args, configs, log)
+        torch.set_num_threads(args.threads)
 
-        # (5) Latency at batch 1 and 128, BatchNorm folded everywhere.
-        log(f"latency phase: batch 1 and 128, {args.min_run_time:g} s per measurement, {args.threads} thread(s)")
+        # (5) Latency at batch 1 and 128, BatchNorm folded everywhere; every model once per round,
+        # alternating the order, each keeping its fastest round (a slow spell then hits all alike).
+        log(f"latency phase: batch 1 and 128, {args.latency_rounds} round(s), {args.min_run_time:g} s per "
+            f"measurement, {args.threads} thread(s)")
         dense, spec, _ = load_model(train_info["baseline"]["run"], "cpu")
         fold_bn_(dense.eval())
         dense_prof = profile(dense, spec.input_shape)
-        dense_lat = measure_latency(dense, spec.input_shape, args.min_run_time)
-        log(f"latency baseline: b1 {dense_lat['latency_ms_b1']:.3f} ms, b128 {dense_lat['latency_ms_b128']:.2f} ms")
-        del dense
-        lat = {}
-        for (method, scheme), r in reports.items():
+        models = {("baseline", "dense"): (dense, spec.input_shape)}
+        for key, r in reports.items():
             model, mspec, _ = load_model(r["folder"], "cpu")
-            la = lat[(method, scheme)] = measure_latency(model, mspec.input_shape, args.min_run_time)
+            models[key] = (model, mspec.input_shape)
+        best: dict[tuple[str, str], dict] = {}
+        order = list(models)
+        for rnd in range(args.latency_rounds):
+            for key in order if rnd % 2 == 0 else order[::-1]:
+                model, shape = models[key]
+                la = measure_latency(model, shape, args.min_run_time)
+                b = best.setdefault(key, dict(la))
+                for batch in (1, 128):
+                    if la[f"latency_ms_b{batch}"] < b[f"latency_ms_b{batch}"]:
+                        b[f"latency_ms_b{batch}"], b[f"memory_format_b{batch}"] = (la[f"latency_ms_b{batch}"],
+                                                                                     la[f"memory_format_b{batch}"])
+        del models
+        dense_lat = best.pop(("baseline", "dense"))
+        lat = best
+        log(f"latency baseline: b1 {dense_lat['latency_ms_b1']:.3f} ms, b128 {dense_lat['latency_ms_b128']:.2f} ms")
+        for (method, scheme), la in lat.items():
             log(f"latency {method}-{scheme}: b1 {la['latency_ms_b1']:.3f} ms, b128 {la['latency_ms_b128']:.2f} ms")
     finally:
         torch.set_num_threads(threads_before)
@@ -714,14 +765,17 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> d
             })
     settings = {k: getattr(args, k) for k in (
         "model", "dataset", "data_dir", "epochs", "finetune", "finetune_lr", "lr", "batch_size", "seed", "device",
-        "energy", "energy_ramp", "period", "nuclear", "nuclear_only", "orth", "sparsity", "jobs", "threads",
-        "min_run_time", "timing_epochs", "quick", "resume_existing")}
+        "energy", "speedup", "energy_ramp", "freeze", "period", "nuclear", "nuclear_only", "orth", "sparsity", "jobs", "threads",
+        "min_run_time", "latency_rounds", "timing_rounds", "timing_threads", "quick", "resume_existing")}
     settings.update(schemes=args.scheme_list, methods=args.method_list, rank=args.rank_criterion,
                     svd_rank=args.svd_rank_criterion, runs_dir=str(args.runs_dir))
     notes = [
         f"Every method trained {args.epochs} epochs: lr {args.lr:g} (cosine), batch {args.batch_size}, seed {args.seed}, "
-        "the same data order. trp / trp+nuclear: energy "
-        f"{args.energy:g}, ramped down from 1.0 over {args.energy_ramp:g} epochs, projection every {args.period} steps; "
+        "the same data order. trp / trp+nuclear: "
+        + (f"ranks for {args.speedup:g}x fewer MACs, ramped up from 1x" if args.speedup else
+           f"energy {args.energy:g}, ramped down from 1.0")
+        + f" over {args.energy_ramp:g} epochs, projection every {args.period} steps"
+        + (f", ranks fixed after epoch {args.freeze:g}" if args.freeze is not None else "") + "; "
         f"trp+nuclear nuclear weight {args.nuclear:g}, trp none; nuclear (no projection) weight {args.nuclear_only:g}; "
         f"svd: orth {args.orth:g}, sparsity {args.sparsity}.",
         f"Decomposition without fine-tuning: {args.rank_criterion} for trp, trp+nuclear and nuclear, {args.svd_rank_criterion} "
@@ -730,9 +784,11 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> d
         "per-layer latency check off, so that the MACs really match.",
         f"Latency: torch.utils.benchmark on the CPU, warm-up then the median of repeated blocks ({args.min_run_time:g} s per "
         f"measurement), {args.threads} thread(s), inference_mode, BatchNorm folded, the faster of contiguous and "
-        "channels-last; speed-ups against the dense baseline measured the same way.",
-        f"epoch_time_ratio: each run trained {args.timing_epochs} epochs again in this process, one run at a time after all "
-        f"training, {args.threads} thread(s); the fastest epoch after the first, over the baseline's. "
+        f"channels-last; every model in each of {args.latency_rounds} round(s), order alternating, its fastest round kept; "
+        "speed-ups against the dense baseline measured the same way.",
+        f"epoch_time_ratio: after all training, {args.timing_rounds} round(s) in this process, each training every run "
+        f"for 2 epochs (the first warm-up), one run at a time, in alternating order, {args.timing_threads} thread(s); "
+        "the fastest warm epoch of each run over the baseline's. "
         f"'epoch time, parallel runs' is the mean epoch time of the benchmark's own runs, {args.jobs} of them sharing the "
         "machine with one thread each: indicative only.",
         f"The test set has {n_test} images: one image is {100.0 / max(n_test, 1):.2f} pt of accuracy.",

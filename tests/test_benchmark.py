@@ -33,13 +33,15 @@ def _numbers(value):
 def test_quick_benchmark_writes_complete_results(tmp_path):
     """The harness must not rot: a tiny run of every method and scheme writes the full schema, table and plot."""
     bench = _load_run()
-    rc = bench.main(["--quick", "--out-root", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--name", "quick"])
+    rc = bench.main(["--quick", "--out-root", str(tmp_path), "--runs-dir", str(tmp_path / "runs"), "--name", "quick",
+                     "--speedup", "2", "--freeze", "1", "--latency-rounds", "2"])
     assert rc == 0
     out = tmp_path / "quick"
     doc = json.loads((out / "results.json").read_text())
 
     assert math.isfinite(doc["baseline_acc"]) and 0 < doc["baseline_acc"] <= 100
     assert doc["command"].startswith("python benchmarks/run.py --quick")
+    assert doc["settings"]["speedup"] == 2.0 and doc["settings"]["freeze"] == 1.0
     assert doc["machine"]["torch"] and doc["machine"]["threads"] >= 1 and doc["wall_time_s"] > 0
     combos = {(e["method"], e["scheme"]) for e in doc["methods"]}
     expected = {("baseline", "dense")} | {(m, s) for m in ("posthoc", "posthoc+ft", "nuclear", "trp", "trp+nuclear", "svd")

@@ -136,6 +136,56 @@ def test_energy_ramp_schedule() -> None:
     assert reg.ranks()["4"] < full
 
 
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+@pytest.mark.parametrize("target", [1.5, 2.5])
+def test_speedup_projection_meets_the_macs_budget(scheme: str, target: float) -> None:
+    """With speedup=s the projected ResNet-20 decomposes at s x fewer MACs (within the solver's 2 %)."""
+    import trp
+    from trp.models import create
+
+    torch.manual_seed(0)
+    model = create("resnet20")
+    reg = TRP(model, scheme, speedup=target, period=1, nuclear=0.0, input_shape=(3, 32, 32))
+    reg.project_now()
+    # The projected weights are exactly low-rank: decomposing at their numerical rank loses nothing.
+    p = trp.plan(model, scheme, trp.value(1e-5), default_filter(model), (3, 32, 32))
+    assert abs(p.speedup / target - 1) < 0.02
+    assert {lp.name: lp.rank for lp in p.layers if lp.decomposed} == {
+        name: k for name, k in reg.ranks().items() if k < next(lp.full_rank for lp in p.layers if lp.name == name)}
+
+
+def test_speedup_schedule_ramps_and_freeze_fixes_ranks() -> None:
+    """A ramped target lowers the total rank step by step; after `freeze` steps the ranks stay put."""
+    model = _net()
+    reg = TRP(model, speedup=ramp(3.0, 4), period=1, nuclear=1e-3, freeze=3, input_shape=(3, 6, 6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for i in range(8):
+        _step(model, reg, opt, i)
+    totals = [sum(r.values()) for _, r in reg.history]
+    full = sum(min(svd_mod.to_matrix(layer.weight, "channel").shape) for layer in reg.layers)
+    assert totals[0] == full  # step 0 of the ramp: 1x, nothing truncated
+    assert totals[0] >= totals[1] >= totals[2] >= totals[3] and totals[0] > totals[3]
+    assert all(r == reg.history[3][1] for _, r in reg.history[3:])  # selected at step 3, frozen after
+    for layer in reg.layers:  # and the weights really sit at those ranks
+        s = torch.linalg.svdvals(svd_mod.to_matrix(layer.weight.detach().double(), "channel"))
+        assert int((s > 1e-6 * s[0]).sum()) == layer.rank
+
+
+def test_freeze_keeps_energy_ranks() -> None:
+    """With per-layer energy, freezing stops the rank from falling further at later projections."""
+    model = _net()
+    reg = TRP(model, energy=0.6, period=1, nuclear=0.0, freeze=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for i in range(5):
+        _step(model, reg, opt, i)
+    assert all(r == reg.history[1][1] for _, r in reg.history[1:])
+    free = TRP(_net(), energy=0.6, period=1, nuclear=0.0)
+    opt = torch.optim.SGD(free.model.parameters(), lr=0.5)
+    for i in range(5):
+        _step(free.model, free, opt, i)
+    assert sum(free.ranks().values()) < sum(reg.ranks().values())  # without freeze, e = 0.6 keeps cutting
+
+
 def test_state_dict_round_trip() -> None:
     """The TRP state (step count, ranks, sub-gradients) restores exactly for resuming."""
     model = _net()
@@ -155,7 +205,8 @@ def test_state_dict_round_trip() -> None:
 
 @pytest.mark.parametrize(
     "kwargs", [{"energy": 0.0}, {"energy": 1.5}, {"period": 0}, {"nuclear": -1.0}, {"nuclear": float("inf")},
-               {"scheme": "linear"}, {"filter_fn": lambda m, n: False}]
+               {"scheme": "linear"}, {"filter_fn": lambda m, n: False}, {"speedup": 0.5},
+               {"speedup": float("inf")}, {"speedup": 1000.0}, {"freeze": -1}, {"freeze": 2.5}, {"freeze": True}]
 )
 def test_invalid_arguments_raise(kwargs: dict) -> None:
     """Bad settings are refused with a TRPError, not a crash later."""

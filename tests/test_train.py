@@ -39,7 +39,9 @@ def test_config_validation() -> None:
     """Out-of-range and non-finite settings are refused when the config is built."""
     for bad in ({"energy": 0}, {"energy": 1.01}, {"period": 0}, {"nuclear": -1e-4}, {"epochs": 0}, {"lr": float("nan")},
                 {"batch_size": 0}, {"model": "resnet21"}, {"dataset": "mnist"}, {"method": "prune"}, {"scheme": "tucker"},
-                {"method": "svd", "scheme": "decouple"}, {"method": "nuclear", "nuclear": 0.0}, {"epochs": 2.5}):
+                {"method": "svd", "scheme": "decouple"}, {"method": "nuclear", "nuclear": 0.0}, {"epochs": 2.5}, {"speedup": 0.9},
+                {"speedup": float("inf")}, {"freeze": -1}, {"freeze": float("nan")},
+                {"method": "baseline", "speedup": 2.0}, {"method": "svd", "freeze": 1.0}):
         with pytest.raises(TRPError):
             TrainConfig(**bad)
 
@@ -122,6 +124,7 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
                  ["eval", str(tmp_path / "missing")],
                  ["compress", str(run), "--rank", "bogus:1", "--out", str(tmp_path / "c")],
                  ["train", "--nuclear", "nan", "--out", str(tmp_path / "y")],
+                 ["train", "--speedup", "500", "--epochs", "1", "--out", str(tmp_path / "z")],  # out of reach
                  ["frobnicate"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -136,6 +139,11 @@ def test_config_file_with_flag_override(tmp_path: Path) -> None:
     assert main(["train", "--config", str(cfg), "--epochs", "1", "--out", str(run), "--no-progress"]) == 0
     saved = json.loads((run / "config.json").read_text())["config"]
     assert saved["epochs"] == 1 and saved["method"] == "nuclear" and saved["lr"] == 0.05
+    run2 = tmp_path / "run2"  # the TRP budget flags reach the config
+    assert main(["train", "--config", str(cfg), "--method", "trp", "--epochs", "1", "--speedup", "1.5", "--freeze", "0.5",
+                 "--out", str(run2), "--no-progress"]) == 0
+    saved = json.loads((run2 / "config.json").read_text())["config"]
+    assert saved["speedup"] == 1.5 and saved["freeze"] == 0.5
 
 
 def test_paper_recipes_parse() -> None:
@@ -190,3 +198,21 @@ def test_trp_final_state_is_low_rank_and_consistent(tmp_path: Path) -> None:
     w = model.layer3[2].conv2.weight.detach()
     rank = int(torch.linalg.matrix_rank(w.reshape(w.shape[0], -1).double(), rtol=1e-5))
     assert rank < w.shape[0]
+
+
+def test_speedup_target_with_freeze_trains_to_the_budget_and_resumes(tmp_path: Path) -> None:
+    """--speedup S ranks give S x fewer MACs on decomposition; a run resumed past --freeze matches one never stopped."""
+    config = TrainConfig(dataset="digits", epochs=3, method="trp", period=4, speedup=2.0, energy_ramp=1.0, freeze=1.5,
+                         lr=0.05, batch_size=64)
+    train(config, tmp_path / "whole", **QUIET)
+    rows = _metrics(tmp_path / "whole")
+    ranks = [float(r["mean_rank"]) for r in rows]
+    assert ranks[0] >= ranks[1] == ranks[2]  # ramped over epoch 1, fixed from epoch 1.5 on
+    train(config, tmp_path / "part", stop_after_epoch=2, **QUIET)
+    train(config, tmp_path / "part", resume=True, **QUIET)
+    keys = ("train_loss", "test_acc", "mean_rank")
+    assert [{k: r[k] for k in keys} for r in _metrics(tmp_path / "part")] == [{k: r[k] for k in keys} for r in rows]
+    report = compress(tmp_path / "whole", tmp_path / "small", "value:1e-4", latency_batch=8, check_latency=False,
+                      log=lambda s: None)
+    assert abs(report["flops_speedup"] / 2.0 - 1) < 0.03  # digits' 8x8 images count the same MACs per rank
+    assert report["acc_after"] == pytest.approx(report["acc_before"], abs=0.2)

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 from trp.checkpoint import load
-from trp.checkpoint import load
 from trp.decompose import SCHEMES, LayerPlan, Plan, apply_plan, decompose_, decompose_layer, fold_bn_, plan
 from trp.errors import TRPError
 from trp.hook import TRP, ramp

@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", help="baseline, trp, nuclear or svd")
     t.add_argument("--scheme", help="channel, spatial or decouple (svd: channel or spatial)")
     t.add_argument("--energy", type=finite_float)
-    t.add_argument("--energy-ramp", type=finite_float, help="epochs over which energy falls from 1.0 to --energy")
+    t.add_argument("--energy-ramp", type=finite_float,
+                   help="epochs over which the projection tightens from dense to --energy (or --speedup)")
+    t.add_argument("--speedup", type=finite_float,
+                   help="TRP: choose the ranks of all layers for this whole-model MACs speed-up instead of --energy")
+    t.add_argument("--freeze", type=finite_float, help="TRP: epochs after which the ranks stay fixed")
     t.add_argument("--period", type=whole_number)
     t.add_argument("--nuclear", type=finite_float)
     t.add_argument("--orth", type=finite_float, help="SVD training: orthogonality weight")
@@ -154,8 +158,8 @@ def _train_run(args: argparse.Namespace) -> dict:
         if not args.out:
             raise TRPError("train needs --out RUN (or --resume RUN)")
         values: dict[str, Any] = load_config_file(args.config) if args.config else {}
-        for key in ("model", "dataset", "data_dir", "download", "method", "scheme", "energy", "energy_ramp", "period",
-                    "nuclear", "orth", "sparsity", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule",
+        for key in ("model", "dataset", "data_dir", "download", "method", "scheme", "energy", "energy_ramp", "speedup",
+                    "freeze", "period", "nuclear", "orth", "sparsity", "epochs", "lr", "momentum", "weight_decay", "batch_size", "schedule",
                     "seed", "device", "amp"):
             if getattr(args, key) is not None:
                 values[key] = getattr(args, key)

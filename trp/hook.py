@@ -6,6 +6,9 @@ Two things happen to every eligible weight W while the network trains:
   truncated SVD ``U_k S_k V_kᵀ`` in the scheme's matrix layout, k being the smallest rank with
   Σ_{i≤k} σ_i² ≥ e·Σ σ_i². Between projections, plain SGD lets the weights move off the low-rank
   set, which is what makes the method *trained* rank pruning rather than projected training.
+  Instead of a per-layer energy, ``speedup=s`` picks the ranks of all layers at once for a
+  whole-model MACs budget (the allocation of :func:`trp.speedup`), and ``freeze=t`` stops the
+  ranks from changing after step t, so that the rest of training adapts the network to them.
 * **Nuclear-norm regularization** (paper Eq. 4–5): ‖W‖_* is not differentiable; its stochastic
   sub-gradient ``U_k V_kᵀ`` from the latest SVD is added, times λ, to W's gradient after each
   backward pass.
@@ -27,7 +30,7 @@ Parameters are modified in place (``.data``), so their identity, and with it the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +39,13 @@ from trp import svd as svd_mod
 from trp.errors import TRPError
 from trp.rank import energy_rank
 
+if TYPE_CHECKING:
+    from trp.decompose import _Candidate
+
 __all__ = ["TRP", "default_filter", "ramp", "unwrap"]
 
 EnergySchedule = Union[float, Callable[[int], float]]
+SpeedupSchedule = Union[float, Callable[[int], float]]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -77,10 +84,11 @@ def default_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
 
 
 def ramp(end: float, steps: int, start: float = 1.0) -> Callable[[int], float]:
-    """Energy schedule: linear from ``start`` (1.0: no truncation) to ``end`` over ``steps`` steps.
+    """Energy or speed-up schedule: linear from ``start`` (1.0: dense) to ``end`` over ``steps`` steps.
 
     On short schedules a constant e = 0.9 projected every 20 steps costs accuracy before the
     network has learned anything worth keeping; ramping lets early training run nearly dense.
+    The same schedule serves ``speedup``: from 1× (no truncation) up to the target.
 
     Example:
         >>> f = ramp(0.9, 100)
@@ -121,6 +129,15 @@ class TRP:
         filter_fn: ``filter_fn(module, name) -> bool`` picks layers (default :func:`default_filter`).
         project: False gives the nuclear-norm-only method of the paper's ablation (the SVD is
             still taken every ``period`` steps to refresh the sub-gradient).
+        speedup: Whole-model MACs speed-up s >= 1 (or a schedule ``step -> s``, see :func:`ramp`)
+            that the ranks are chosen for, across all eligible layers at once, from the current
+            singular values (as :func:`trp.speedup` does when decomposing); ``energy`` is then
+            not used. Layers outside ``filter_fn`` count at their dense cost.
+        freeze: After this many optimizer steps the ranks stop changing: later projections keep
+            each layer at the rank it had, so the rest of training recovers at fixed ranks
+            instead of losing a little more rank (and accuracy) at every projection.
+        input_shape: One sample's shape, for the MACs accounting of ``speedup`` (default
+            :func:`trp.decompose.default_input_shape`).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
@@ -141,6 +158,9 @@ class TRP:
         nuclear: float = 3e-4,
         filter_fn: Callable[[nn.Module, str], bool] | None = None,
         project: bool = True,
+        speedup: SpeedupSchedule | None = None,
+        freeze: int | None = None,
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         if scheme not in ("channel", "spatial", "decouple"):
             raise TRPError(f"unknown TRP scheme {scheme!r}; choose one of: channel, spatial, decouple")
@@ -153,8 +173,15 @@ class TRP:
             e = float(energy)
             if not 0.0 < e <= 1.0:
                 raise TRPError(f"energy must be in (0, 1], got {energy}")
+        if speedup is not None and not callable(speedup):
+            s_ = float(speedup)
+            if not (s_ >= 1.0 and s_ != float("inf")):
+                raise TRPError(f"speedup must be a finite number >= 1, got {speedup}")
+        if freeze is not None and (isinstance(freeze, bool) or not isinstance(freeze, int) or freeze < 0):
+            raise TRPError(f"freeze must be a whole number of steps >= 0, got {freeze!r}")
         self.model = unwrap(model)
         self.scheme, self.energy, self.period, self.nuclear, self.project = scheme, energy, period, nuclear, project
+        self.speedup, self.freeze = speedup, freeze
         filter_fn = filter_fn or default_filter(self.model)
         self.layers = [
             _Layer(name, m.weight, scheme)
@@ -165,8 +192,59 @@ class TRP:
             raise TRPError("TRP found no eligible layer (Conv2d with groups=1 accepted by filter_fn)")
         self.steps = 0
         self.history: list[tuple[int, dict[str, int]]] = []
+        self._budget: dict[str, _Candidate] = {}
+        self._macs_total = 0
+        if speedup is not None:
+            self._setup_budget(filter_fn, input_shape)
         # The sub-gradient is needed from the first step on, before any projection.
         self._svd(project=False)
+
+    def _setup_budget(self, filter_fn: Callable[[nn.Module, str], bool], input_shape: Sequence[int] | None) -> None:
+        # MACs per unit of rank of every eligible layer, from a rank-1 plan of the same layers; the
+        # solver then only needs the spectra at each projection.
+        from trp.decompose import _Candidate, plan
+        from trp.rank import fixed
+
+        names = {layer.name for layer in self.layers}
+        p = plan(self.model, self.scheme, fixed(1), lambda m, n: n in names, input_shape)
+        self._macs_total = p.macs_before
+        self._budget = {lp.name: _Candidate(lp, None, None, None, torch.empty(0), lp.macs_after)  # type: ignore[arg-type]
+                        for lp in p.layers if lp.name in names and lp.scheme is not None}
+        final = self.speedup(10**12) if callable(self.speedup) else self.speedup
+        best = self._macs_total - sum(c.lp.macs_before - c.cost for c in self._budget.values() if c.cost < c.lp.macs_before)
+        if self._macs_total / max(best, 1) < float(final) / 1.02:
+            raise TRPError(f"speedup {float(final):g}x is out of reach: with every eligible layer at rank 1 the model "
+                           f"runs {self._macs_total / max(best, 1):.2f}x fewer MACs")
+
+    def current_speedup(self) -> float | None:
+        """The MACs speed-up the next projection's ranks are chosen for (None: per-layer energy)."""
+        if self.speedup is None:
+            return None
+        s = float(self.speedup(self.steps)) if callable(self.speedup) else float(self.speedup)
+        if not (s >= 1.0 and s != float("inf")):
+            raise TRPError(f"speedup schedule gave {s} at step {self.steps}; it must be finite and >= 1")
+        return s
+
+    def frozen(self) -> bool:
+        """True once the ranks no longer change (``freeze`` steps have passed and ranks are set)."""
+        return self.freeze is not None and self.steps > self.freeze and all(layer.rank for layer in self.layers)
+
+    def _choose_ranks(self, spectra: dict[str, Tensor]) -> dict[str, int]:
+        if self.frozen():
+            return {layer.name: int(layer.rank) for layer in self.layers}  # type: ignore[arg-type]
+        s = self.current_speedup()
+        if s is None:
+            e = self.current_energy()
+            return {name: energy_rank(spec, e) for name, spec in spectra.items()}
+        from trp.decompose import _solve_speedup
+
+        cands = []
+        for name, c in self._budget.items():
+            c.spectrum = spectra[name]
+            cands.append(c)
+        chosen = _solve_speedup(cands, self._macs_total, s) if s > 1.0 else {}
+        # A layer the budget leaves dense (or that no forward pass reaches) keeps its full rank.
+        return {name: chosen.get(name) or int(spec.numel()) for name, spec in spectra.items()}
 
     def current_energy(self) -> float:
         """The energy the next projection keeps (follows the schedule)."""
@@ -177,12 +255,12 @@ class TRP:
 
     @torch.no_grad()
     def _svd(self, project: bool) -> None:
-        e = self.current_energy()
         # Layers sharing a matrix shape go through one batched SVD: far fewer LAPACK calls.
         groups: dict[tuple, list[_Layer]] = {}
         for layer in self.layers:
             shape = tuple(svd_mod.to_matrix(layer.weight, layer.layout).shape)
             groups.setdefault((shape, layer.weight.device), []).append(layer)
+        factors = []
         for members in groups.values():
             mats = torch.stack([svd_mod.to_matrix(layer.weight.detach(), layer.layout) for layer in members])
             try:
@@ -191,8 +269,13 @@ class TRP:
                 for layer in members:
                     svd_mod.svd(svd_mod.to_matrix(layer.weight.detach(), layer.layout), name=layer.name)
                 raise
+            factors.append((members, u, s, vh))
+        # All spectra first: a MACs budget shares rank across layers.
+        ranks = self._choose_ranks({layer.name: svd_mod.spectrum(s[i])
+                                    for members, _, s, _ in factors for i, layer in enumerate(members)})
+        for members, u, s, vh in factors:
             for i, layer in enumerate(members):
-                k = energy_rank(svd_mod.spectrum(s[i]), e)
+                k = min(ranks[layer.name], s.shape[-1])
                 layer.rank = k
                 shape = layer.weight.shape
                 if self.nuclear > 0:

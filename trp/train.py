@@ -69,7 +69,9 @@ class TrainConfig:
     method: str = "trp"
     scheme: str = "channel"
     energy: float = 0.9
-    energy_ramp: float = 0.0  # epochs over which energy falls from 1.0 to `energy`
+    energy_ramp: float = 0.0  # epochs over which the target tightens from dense to `energy` (or `speedup`)
+    speedup: float | None = None  # TRP ranks for this whole-model MACs speed-up instead of `energy`
+    freeze: float | None = None  # epochs after which TRP's ranks stay fixed (None: they never do)
     period: int = 20
     nuclear: float = 3e-4
     orth: float = 1.0  # SVD training: orthogonality weight
@@ -106,6 +108,16 @@ class TrainConfig:
             set_(name, _num(getattr(self, name), name.replace("_", "-"), int))
         if not 0.0 < self.energy <= 1.0:
             raise TRPError(f"energy must be in (0, 1], got {self.energy}")
+        if self.speedup is not None:
+            set_("speedup", _num(self.speedup, "speedup"))
+            if self.speedup < 1.0:
+                raise TRPError(f"speedup must be >= 1, got {self.speedup}")
+        if self.freeze is not None:
+            set_("freeze", _num(self.freeze, "freeze"))
+            if self.freeze < 0:
+                raise TRPError(f"freeze must be >= 0, got {self.freeze}")
+        if (self.speedup is not None or self.freeze is not None) and self.method not in ("trp", "nuclear"):
+            raise TRPError(f"speedup and freeze shape TRP's ranks; method {self.method} has none (use trp or nuclear)")
         if self.period < 1:
             raise TRPError(f"period must be >= 1, got {self.period}")
         if self.epochs < 1:
@@ -406,11 +418,14 @@ def train(
     steps_per_epoch = data.num_train_batches(config.batch_size, world)
     reg = None
     if config.method in ("trp", "nuclear"):
-        energy = config.energy
+        energy, speedup = config.energy, config.speedup
         if config.energy_ramp > 0:
-            energy = ramp(config.energy, int(round(config.energy_ramp * steps_per_epoch)))
+            ramp_steps = int(round(config.energy_ramp * steps_per_epoch))
+            energy = ramp(config.energy, ramp_steps)
+            speedup = ramp(config.speedup, ramp_steps) if config.speedup is not None else None
+        freeze = None if config.freeze is None else int(round(config.freeze * steps_per_epoch))
         reg = TRP(model, config.scheme, energy, config.period, config.nuclear, filter_fn=default_filter(model),
-                  project=config.method == "trp")
+                  project=config.method == "trp", speedup=speedup, freeze=freeze, input_shape=data.input_shape)
     svd_cfg = None
     if config.method == "svd":
         from trp.svd_training import SVDTrainingConfig, parse_sparsity, regularization
