@@ -66,7 +66,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "finish_time_s")} for r in rows]  # timings vary
 
 
 def _ckpt_epoch(run: Path) -> int:
