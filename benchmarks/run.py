@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """TRP against the decomposition baselines, trained, compressed and measured side by side in one run.
 
-    python benchmarks/run.py                       # ResNet-20 on ../shared/data/cifar10-mini, 15 epochs
+    python benchmarks/run.py                       # ResNet-20 on ../shared/data/cifar10-mini, 30 epochs
     python benchmarks/run.py --quick --out-root /tmp/b --runs-dir /tmp/b/runs   # the harness check (digits)
 
 Every method gets the same model, data, epoch budget, learning rate, batch size and seed:
@@ -67,7 +67,7 @@ T_SPEEDUP, T_ACC_LOSS, T_DECOMP, T_POSTHOC_GAP, T_EPOCH, T_LATENCY = 2.5, 1.0, 0
 # What --quick changes (a flag given explicitly still wins), and the defaults otherwise.
 QUICK = {"dataset": "digits", "epochs": 2, "finetune": 1, "period": 5, "min_run_time": 0.02, "timing_rounds": 1,
          "latency_rounds": 1, "threads": 1}
-DEFAULTS = {"dataset": "cifar10", "epochs": 30, "finetune": 3, "period": 20, "min_run_time": 1.0, "timing_rounds": 2,
+DEFAULTS = {"dataset": "cifar10", "epochs": 30, "finetune": 3, "period": 20, "min_run_time": 1.0, "timing_rounds": 3,
             "latency_rounds": 3, "threads": None}
 
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {','.join(ALL_METHODS)}")
     a("--energy", type=_pos_float, default=0.95,
       help="TRP energy kept by each projection when --speedup is 0; also sets the nuclear method's sub-gradient rank")
-    a("--speedup", type=_pos_float, default=2.6,
+    a("--speedup", type=_pos_float, default=2.7,
       help="trp, trp+nuclear: choose the ranks of all layers for this MACs speed-up instead of --energy (0: use --energy)")
     a("--energy-ramp", type=_pos_float,
       help="epochs over which the projection tightens from dense to --energy or --speedup (default 4/15 of --epochs)")
@@ -341,6 +341,7 @@ def train_all(args: argparse.Namespace, configs: dict[str, Any], log: Callable[[
             raise TRPError(f"training run {key} stopped after {len(rows)} of {config.epochs} epochs; "
                            f"see {info[key]['run']}/train.log")
         info[key]["acc"] = float(rows[-1]["test_acc"])
+        info[key]["train_acc"] = float(rows[-1]["train_acc"])  # last epoch, augmented batches, as trained
         info[key]["epoch_time_s_parallel"] = round(sum(float(r["epoch_time_s"]) for r in rows) / len(rows), 4)
         mean_rank = rows[-1].get("mean_rank", "")
         info[key]["final_mean_rank"] = float(mean_rank) if mean_rank not in ("", None) else None
@@ -446,7 +447,15 @@ def check_targets(entries: list[dict], baseline_acc: float, args: argparse.Names
             if over > 0:
                 missed.append(f"{over:.2f} pt of accuracy")
                 trained_loss = baseline_acc - tn["acc_before"]
-                if trained_loss > T_ACC_LOSS:
+                base_train = _entry(entries, "baseline", "dense")["train_acc"]
+                if trained_loss > T_ACC_LOSS and tn["train_acc"] < base_train - T_ACC_LOSS:
+                    # Fitting the training set worse than the dense network is a capacity limit, not overfitting.
+                    reasons.append(f"the loss is in the trained network already ({trained_loss:.2f} pt before decomposition), "
+                                   f"and it fits the training set less well too ({tn['train_acc']:.2f}% training accuracy in "
+                                   f"the last epoch against the baseline's {base_train:.2f}%): in {args.epochs} epochs on this "
+                                   "data the dense network is not over-parameterized, so the rank that pruning removes is "
+                                   "capacity it still uses")
+                elif trained_loss > T_ACC_LOSS:
                     reasons.append(f"the loss is in the trained network already ({trained_loss:.2f} pt before decomposition): "
                                    f"in {args.epochs} epochs training does not recover from the projections")
                 else:
@@ -522,7 +531,7 @@ def check_targets(entries: list[dict], baseline_acc: float, args: argparse.Names
                       "thin factor convs run at lower arithmetic efficiency on the CPU "
                       f"({e['latency_ms_b128']:.2f} ms against {e['latency_ms_b128'] * e['latency_speedup_b128']:.2f} ms dense)")
             add(5, t5, scheme, method, f"{e['latency_speedup_b128']:.2f}x measured against {e['macs_speedup']:.2f}x MACs "
-                f"(ratio {ratio:.2f})", ratio >= T_LATENCY, f"{T_LATENCY - ratio:.2f} of the ratio", reason)
+                f"(ratio {ratio:.3f})", ratio >= T_LATENCY, f"{T_LATENCY - ratio:.3f} of the ratio", reason)
     return out
 
 
@@ -553,12 +562,12 @@ def markdown(doc: dict) -> str:
         lines.append(line)
     lines += ["", "## Details", "",
               "| method | scheme | rank criterion | MACs | latency b1 (ms) | latency b128 (ms) | memory format b1 / b128 | "
-              "layers decomposed | epoch time (s) | epoch time, parallel runs (s) |",
-              "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
+              "layers decomposed | train acc, last epoch (%) | epoch time (s) | epoch time, parallel runs (s) |",
+              "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for e in doc["methods"]:
         lines.append(f"| {e['method']} | {e['scheme']} | {e['rank'] or '–'} | {e['macs']:,} | {_fmt(e['latency_ms_b1'], '.3f')} | "
                      f"{_fmt(e['latency_ms_b128'], '.2f')} | {e['memory_format_b1']} / {e['memory_format_b128']} | "
-                     f"{e['layers_decomposed']} | {_fmt(e['epoch_time_s'], '.3f')} | "
+                     f"{e['layers_decomposed']} | {_fmt(e['train_acc'])} | {_fmt(e['epoch_time_s'], '.3f')} | "
                      f"{_fmt(e['train_epoch_time_s_parallel'], '.2f')} |")
     lines += ["", "## Notes", "", *(f"- {n}" for n in doc["notes"])]
     for e in doc["methods"]:
@@ -729,7 +738,7 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> d
         "layers_decomposed": 0, "layers_dense": [], "finetune_epochs": 0,
         "epoch_time_s": t_base, "epoch_time_ratio": 1.0, "train_time_ratio": 1.0,
         "train_epoch_time_s_parallel": base["epoch_time_s_parallel"], "train_wall_s_parallel": base["wall_s_parallel"],
-        "final_mean_rank": None,
+        "final_mean_rank": None, "train_acc": base["train_acc"],
         "notes": ["the dense network, BatchNorm folded into the convs for the latency measurement (params counted so too)"],
     }]
     order = [m for m in ("posthoc", "posthoc+ft", "nuclear", "trp", "trp+nuclear", "svd") if m in args.method_list]
@@ -770,7 +779,8 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> d
                 "finetune_epochs": r["finetune_epochs"],
                 "epoch_time_s": epoch_time_s, "epoch_time_ratio": round(ratio, 4), "train_time_ratio": round(train_ratio, 4),
                 "train_epoch_time_s_parallel": ti["epoch_time_s_parallel"], "train_wall_s_parallel": ti["wall_s_parallel"],
-                "final_mean_rank": None if method in POSTHOC else ti["final_mean_rank"], "notes": notes,
+                "final_mean_rank": None if method in POSTHOC else ti["final_mean_rank"],
+                "train_acc": None if method in POSTHOC else ti["train_acc"], "notes": notes,
             })
     settings = {k: getattr(args, k) for k in (
         "model", "dataset", "data_dir", "epochs", "finetune", "finetune_lr", "lr", "batch_size", "seed", "device",
