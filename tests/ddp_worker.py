@@ -48,6 +48,7 @@ def main() -> None:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_file(state, f"{out}/rank{rank}.safetensors", metadata={"digest": replica_digest(model),
                                                                  "ranks": str(reg.ranks())})
+    del ddp, reg  # no DDP reference may outlive the process group (see trp.dist.shutdown)
     shutdown()
 
 

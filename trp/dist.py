@@ -12,6 +12,7 @@ equal for the cost of one copy of the eligible weights every ``period`` steps.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 
@@ -62,11 +63,18 @@ def init_from_env() -> torch.device | None:
 def shutdown() -> None:
     """Tear down the process group if one is running.
 
+    Drop every reference to the ``DistributedDataParallel`` wrapper before calling this: the
+    wrapper's reducer sits in reference cycles, and a gloo group whose reducer is only freed at
+    interpreter exit can abort the process there (torch 2.14: "terminate called without an active
+    exception", exit code -6, after all work is done). A garbage collection before the group is
+    destroyed frees it in order.
+
     Example:
         >>> shutdown()
     """
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
