@@ -34,6 +34,7 @@ def main() -> None:
     reg = trp.TRP(model, scheme="channel", energy=0.8, period=2, nuclear=1e-2)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    handle = reg.attach(opt)  # the sub-gradient before each step, the projection count after it
     data = torch.Generator().manual_seed(1)
     xs = torch.randn(STEPS, GLOBAL_BATCH, 3, 8, 8, generator=data)
     ys = torch.randint(0, 4, (STEPS, GLOBAL_BATCH), generator=data)
@@ -42,13 +43,12 @@ def main() -> None:
         loss = F.cross_entropy(ddp(x), y)
         opt.zero_grad()
         loss.backward()
-        reg.regularize()
         opt.step()
-        reg.step()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_file(state, f"{out}/rank{rank}.safetensors", metadata={"digest": replica_digest(model),
                                                                  "ranks": str(reg.ranks())})
-    del ddp, reg  # no DDP reference may outlive the process group (see trp.dist.shutdown)
+    handle.remove()
+    del ddp, reg, handle  # no DDP reference may outlive the process group (see trp.dist.shutdown)
     shutdown()
 
 

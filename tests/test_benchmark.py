@@ -1,11 +1,16 @@
-"""The benchmark harness (benchmarks/run.py) end to end in its --quick mode."""
+"""The benchmark harness (benchmarks/run.py): its command line, recorded folders, doctests, and a --quick run end to end."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,6 +35,7 @@ def _numbers(value):
             yield from _numbers(v)
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_complete_results(tmp_path):
     """The harness must not rot: a tiny run of every method and scheme writes the full schema, table and plot."""
     bench = _load_run()
@@ -62,8 +68,52 @@ def test_quick_benchmark_writes_complete_results(tmp_path):
     assert {t["id"] for t in doc["targets"]} == {1, 2, 3, 4, 5}
     assert all(t["status"] in ("met", "missed") for t in doc["targets"])
 
+    # Folders are recorded as the user gave them (here absolute temporary paths), nothing of the repository's.
+    text = (out / "results.json").read_text()
+    assert doc["settings"]["runs_dir"] == str(tmp_path / "runs") and str(ROOT) not in text
+    assert all(e["run"].startswith(str(tmp_path / "runs" / "train")) for e in doc["methods"])
+
     md = (out / "results.md").read_text()
     assert "| method | scheme | acc before (%) | acc after (%) |" in md
     assert "| trp+nuclear | spatial |" in md and "## Targets" in md and "wall time" in md
     png = (out / "accuracy_vs_speedup.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_paths_recorded_relative_to_the_repository_or_as_given(tmp_path):
+    bench = _load_run()
+    args = bench.resolve(["--quick"])
+    assert args.runs_dir == ROOT / "runs" / "bench" / "resnet20-digits-e2"  # absolute to work in
+    assert args.runs_dir_shown == "runs/bench/resnet20-digits-e2" and args.data_dir_shown is None
+    args = bench.resolve([])  # the full run's default data folder, next to the repository
+    assert Path(args.data_dir).is_absolute()
+    assert args.data_dir_shown == "../shared/data/cifar10-mini/cifar-10-batches-py"
+    args = bench.resolve(["--data-dir", str(tmp_path / "d"), "--runs-dir", str(tmp_path / "r")])
+    assert (args.data_dir_shown, args.runs_dir_shown) == (str(tmp_path / "d"), str(tmp_path / "r"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs: must be >= 1, got 0"),
+    (["--lr", "nan"], "--lr: must be finite"),
+    (["--seed", "1.5"], "--seed: must be a whole number"),
+    (["--min-run-time", "0"], "--min-run-time: must be > 0"),
+    (["--speedup", "0.5"], "--speedup must be >= 1"),
+    (["--schemes", "bogus"], "choose from channel, spatial, decouple"),
+    (["--schemes", "decouple"], "support the channel, spatial schemes only; drop decouple"),
+    (["--methods", "posthoc"], "posthoc needs a low-rank method"),
+    (["--svd-rank", "speedup:2"], "--svd-rank cannot be a speedup"),
+    (["--name", "a/b"], "--name must be a plain folder name"),
+])
+def test_bad_input_is_one_line_and_status_2(capsys, argv, message):
+    rc = _load_run().main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("run.py: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["common", "targets", "reporting", "running", "document"])
+def test_benchmark_module_doctests(name):
+    """benchmarks/ is outside the suite's doctest paths: run its examples here."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    result = doctest.testmod(importlib.import_module(f"benchmarks.{name}"))
+    assert result.attempted > 0 and result.failed == 0

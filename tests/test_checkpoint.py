@@ -6,7 +6,11 @@ import errno
 import json
 import os
 import pickle
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,13 +20,14 @@ from torch import nn
 import trp
 from trp import checkpoint as ckpt
 from trp import io as trp_io
+from trp import structure
 from trp.cli import main
 from trp.errors import TRPError
 from trp.models import create
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SPEC = ckpt.ModelSpec("resnet20", 10, 1, [1, 8, 8], dataset="digits")
+SPEC = structure.ModelSpec("resnet20", 10, 1, [1, 8, 8], dataset="digits")
 
 
 class _Evil:
@@ -45,7 +50,7 @@ def _model() -> nn.Module:
 def model_dir(tmp_path: Path) -> Path:
     d = tmp_path / "model"
     d.mkdir()
-    ckpt.save_model(d / ckpt.MODEL_FILE, _model(), SPEC)
+    structure.save_model(d / ckpt.MODEL_FILE, _model(), SPEC)
     return d
 
 
@@ -129,17 +134,42 @@ def test_corrupted_bytes_are_detected(model_dir: Path, one_line_error, where: st
     assert "checksum" in one_line_error(["eval", model_dir])
 
 
-def test_file_without_checksum_still_loads(tmp_path: Path) -> None:
-    """Files written before checksums existed (plain safetensors with trp metadata) still load."""
+def test_file_without_checksum_loads_only_when_trusted(tmp_path: Path, one_line_error) -> None:
+    """A file without trp_sha256 (plain safetensors with trp metadata) is refused unless trusted (#15 item 11)."""
     from safetensors.torch import save_file
 
     model = _model()
     meta = {"model": SPEC.to_dict()}
     save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / ckpt.MODEL_FILE),
               metadata={"trp": json.dumps(meta)})
+    with pytest.raises(TRPError, match="has no trp checksum"):
+        trp.load(tmp_path)
+    assert "no trp checksum" in one_line_error(["eval", tmp_path])
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
-        assert torch.equal(trp.load(tmp_path)(x), model(x))
+        assert torch.equal(structure.load(tmp_path, trust=True)(x), model(x))
+
+
+def test_edited_weight_with_checksum_stripped_is_refused(model_dir: Path, one_line_error) -> None:
+    """Tampering: a weight edited and trp_sha256 deleted used to load as an older format (#15 item 11)."""
+    from safetensors.torch import load_file, save_file
+
+    f = model_dir / ckpt.MODEL_FILE
+    with open(f, "rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        metadata = json.loads(fh.read(header_len))["__metadata__"]
+    assert set(metadata) == {"trp", ckpt.CHECKSUM_KEY}  # every file trp writes carries the checksum
+    tensors = load_file(str(f))
+    tensors["model.fc.weight"][0, 0] += 1.0  # a changed prediction, still finite and well-formed
+    save_file(tensors, str(f), metadata={"trp": metadata["trp"]})
+    with pytest.raises(TRPError, match="has no trp checksum"):
+        trp.load(model_dir)
+    with pytest.raises(TRPError, match="has no trp checksum"):
+        ckpt.read_safetensors(f)
+    assert "no trp checksum" in one_line_error(["eval", model_dir])
+    # Trusting it is the user's explicit decision, and then the edited weight is what loads.
+    assert float(structure.load(model_dir, trust=True).fc.weight[0, 0].detach()) == pytest.approx(float(tensors["model.fc.weight"][0, 0]))
+    ckpt.read_safetensors(f, trust=True)
 
 
 def test_non_finite_weights_are_refused(tmp_path: Path, one_line_error) -> None:
@@ -147,7 +177,7 @@ def test_non_finite_weights_are_refused(tmp_path: Path, one_line_error) -> None:
     model = _model()
     with torch.no_grad():
         model.layer1[0].conv1.weight[0, 0, 0, 0] = float("nan")
-    ckpt.save_model(tmp_path / ckpt.MODEL_FILE, model, SPEC)
+    structure.save_model(tmp_path / ckpt.MODEL_FILE, model, SPEC)
     with pytest.raises(TRPError, match="non-finite.*layer1.0.conv1.weight"):
         trp.load(tmp_path)
     assert "layer1.0.conv1.weight" in one_line_error(["eval", tmp_path])
@@ -226,9 +256,91 @@ def test_safetensors_never_partially_visible(model_dir: Path, monkeypatch: pytes
     monkeypatch.setattr(trp_io.os, "replace", no_rename)
     other = create("resnet20", num_classes=10, in_channels=1)
     with pytest.raises(TRPError, match="No space left on device"):
-        ckpt.save_model(model_dir / ckpt.MODEL_FILE, other, SPEC)
+        structure.save_model(model_dir / ckpt.MODEL_FILE, other, SPEC)
     monkeypatch.undo()
     assert renames and renames[0][1] == str(model_dir / ckpt.MODEL_FILE)
     assert (model_dir / ckpt.MODEL_FILE).read_bytes() == before
     assert _temp_files(model_dir) == []
     trp.load(model_dir)
+
+
+# ------------------------------------------------------------------------------------ stale temporaries
+
+_KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from trp.io import atomic_write
+
+def write(tmp):
+    with open(tmp, "wb") as f:
+        f.write(b"x" * 4096)  # half a checkpoint
+        f.flush()
+    Path(sys.argv[2]).write_text("ready")
+    time.sleep(60)  # killed here, mid-write
+
+atomic_write(Path(sys.argv[1]) / "checkpoint.safetensors", write)
+"""
+
+
+def test_sigkill_mid_write_leaves_temp_that_a_later_process_removes(tmp_path: Path) -> None:
+    """#15 item 10: SIGKILL while writing leaves .checkpoint.safetensors.*.tmp; remove_stale_temps clears it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.CHECKPOINT_FILE).write_bytes(b"the previous epoch")
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(run), str(ready)])
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer did not start"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = _temp_files(run)
+    assert len(left) == 1 and left[0].startswith(".checkpoint.safetensors.") and trp_io.is_temp_name(left[0])
+    # In this process the temporary is newer than the process: it could be a write of ours, so it stays.
+    assert trp_io.remove_stale_temps(run) == []
+    assert _temp_files(run) == left
+    # A later process (a resume, an --overwrite) removes it, and only it.
+    code = "import sys; from trp.io import remove_stale_temps; print(len(remove_stale_temps(sys.argv[1])))"
+    proc2 = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=120)
+    assert proc2.returncode == 0, proc2.stderr
+    assert proc2.stdout.strip() == "1"
+    assert _temp_files(run) == []
+    assert (run / ckpt.CHECKPOINT_FILE).read_bytes() == b"the previous epoch"
+
+
+def test_remove_stale_temps_touches_only_trp_temporaries(tmp_path: Path) -> None:
+    """Only old regular files of atomic_write's naming go; user files, new temps and folders stay."""
+    old = time.time() - 3600
+    stale = [tmp_path / ".checkpoint.safetensors.ab_cd123.tmp", tmp_path / ".metrics.csv.0a1b2c3d.tmp"]
+    keep = [tmp_path / "notes.tmp", tmp_path / ".hidden.tmp", tmp_path / "checkpoint.safetensors",
+            tmp_path / ".model.safetensors.ab-cd123.tmp"]
+    for p in stale + keep:
+        p.write_text("x")
+        os.utime(p, (old, old))
+    fresh = tmp_path / ".config.json.zz99yy88.tmp"
+    fresh.write_text("being written")
+    folder = tmp_path / ".report.json.abcdefgh.tmp"
+    folder.mkdir()
+    os.utime(folder, (old, old))
+    removed = trp_io.remove_stale_temps(tmp_path, before=time.time() - 60)
+    assert sorted(removed) == sorted(stale)
+    assert all(p.exists() for p in keep + [fresh, folder])
+    assert not any(p.exists() for p in stale)
+    assert trp_io.remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_atomic_write_temporaries_are_recognized(tmp_path: Path) -> None:
+    """The names atomic_write really creates are the ones remove_stale_temps looks for."""
+    seen: list[str] = []
+
+    def write(tmp: str) -> None:
+        seen.append(Path(tmp).name)
+        Path(tmp).write_text("x")
+
+    for _ in range(20):  # mkstemp's random part varies: several draws
+        trp_io.atomic_write(tmp_path / ckpt.CHECKPOINT_FILE, write)
+    assert len(seen) == 20
+    assert all(trp_io.is_temp_name(n) and n.startswith(f".{ckpt.CHECKPOINT_FILE}.") for n in seen)

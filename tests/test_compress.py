@@ -33,3 +33,26 @@ def test_best_latency_names_the_format_it_measured() -> None:
     ms, fmt = best_latency(m, [3, 8, 8], 2, min_run_time=0.02)
     assert ms > 0 and fmt in ("contiguous", "channels_last")
     assert m[0].weight.is_contiguous()
+
+
+def test_compress_takes_one_svd_per_decomposed_layer(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compressing a TRP run factorizes each decomposed layer exactly once (planning needs singular values only)."""
+    from trp import svd as svd_mod
+    from trp.compress import compress
+    from trp.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    train(TrainConfig(dataset="digits", epochs=1, period=4, energy=0.8), run, progress=False, log=lambda s: None)
+    calls: list[str] = []
+    real = svd_mod.svd
+
+    def counting(matrix, name="weight"):  # noqa: ANN001, ANN202
+        calls.append(name)
+        return real(matrix, name)
+
+    monkeypatch.setattr(svd_mod, "svd", counting)
+    report = compress(run, tmp_path / "small", "value:0.05", latency_batch=8, check_latency=False, log=lambda s: None)
+    assert report["layers_decomposed"] > 0
+    assert len(calls) == report["layers_decomposed"], calls
+    assert len(set(calls)) == len(calls)  # one each, not two of some and none of others

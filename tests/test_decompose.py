@@ -1,20 +1,25 @@
-"""Tests for trp.decompose: exact layer decomposition, planning, the speed-up budget, plans and rollback."""
+"""Tests for trp.decompose: exact layer decomposition, unsupported layers, decompose_ (argument forms, one SVD per
+layer, rollback, accuracy).
+
+Planning and plans are in tests/test_plan.py, the scheme registry in tests/test_schemes.py, aliased and tied
+layers in tests/test_surgery.py.
+"""
 
 from __future__ import annotations
 
 import copy
 import itertools
-import json
 
 import pytest
 import torch
 from torch import nn
 
 import trp
-import trp.decompose as dec
+from trp import schemes, surgery
 from trp import svd as svd_mod
 from trp.errors import TRPError
 from trp.models import create
+from trp.surgery import get_module
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,15 +106,16 @@ def _assert_unchanged(model: nn.Module, snap: tuple[dict, dict]) -> None:
 
 def _low_rank_weights_(model: nn.Module, layout: str, decay: float | None = None, rank: int | None = None) -> nn.Module:
     """Give every Conv2d a prescribed spectrum in ``layout``: geometric decay and/or exact low rank."""
+    sch = schemes.get(layout)
     with torch.no_grad():
         for m in model.modules():
             if type(m) is nn.Conv2d:
-                u, s, vh = svd_mod.svd(svd_mod.to_matrix(m.weight, layout))
+                u, s, vh = svd_mod.svd(sch.to_matrix(m.weight))
                 if decay is not None:
                     s = s[..., :1] * decay ** torch.arange(s.shape[-1], dtype=s.dtype)
                 if rank is not None:
                     s = torch.where(torch.arange(s.shape[-1]) < rank, s, torch.zeros_like(s))
-                m.weight.copy_(svd_mod.from_matrix((u * s[..., None, :]) @ vh, layout, m.weight.shape))
+                m.weight.copy_(sch.from_matrix((u * s[..., None, :]) @ vh, m.weight.shape))
     return model
 
 
@@ -220,17 +226,19 @@ def test_reduced_rank_is_eckart_young(scheme, geom, k) -> None:
     torch.manual_seed(k)
     conv = nn.Conv2d(C, N, dtype=torch.float64, **geom)
     w = conv.weight.detach()
+    sch = schemes.get(scheme)
     low = trp.decompose_layer(conv, scheme, k)
-    sv = torch.linalg.svdvals(svd_mod.to_matrix(w, scheme))  # independent of trp.svd
+    sv = torch.linalg.svdvals(sch.to_matrix(w))  # independent of trp.svd
     full = sv.shape[-1]
     assert _built_rank(low, scheme) == min(k, full)
     wk = _compose(low, scheme, w.shape)
+    assert torch.allclose(sch.compose(low), wk, rtol=0, atol=1e-12)  # the registry's compose agrees
     tail = float(sv[..., k:].pow(2).sum().sqrt())  # for decouple: the sum of every filter's tail
     assert float(torch.linalg.norm(w - wk)) == pytest.approx(tail, rel=1e-8, abs=1e-12)
-    assert int(torch.linalg.matrix_rank(svd_mod.to_matrix(wk, scheme)).max()) <= k
+    assert int(torch.linalg.matrix_rank(sch.to_matrix(wk)).max()) <= k
     # The same kernel as svd.truncate + from_matrix, and the module really computes it.
-    u, s, vh = svd_mod.svd(svd_mod.to_matrix(w, scheme))
-    assert torch.allclose(wk, svd_mod.from_matrix(svd_mod.truncate(u, s, vh, k), scheme, w.shape), atol=1e-12)
+    u, s, vh = svd_mod.svd(sch.to_matrix(w))
+    assert torch.allclose(wk, sch.from_matrix(svd_mod.truncate(u, s, vh, k), w.shape), atol=1e-12)
     dense_k = copy.deepcopy(conv)
     with torch.no_grad():
         dense_k.weight.copy_(wk)
@@ -256,7 +264,7 @@ def test_linear_reduced_rank_is_eckart_young(k) -> None:
 def test_decompose_layer_accepts_criteria(scheme) -> None:
     """decompose_layer resolves a per-layer criterion on the layer's spectrum; a global budget is refused."""
     conv = _conv((3, 3), padding=1, dtype=torch.float64)
-    s = svd_mod.spectrum(svd_mod.svd(svd_mod.to_matrix(conv.weight.detach(), scheme))[1])
+    s = svd_mod.spectrum(svd_mod.svd(schemes.get(scheme).to_matrix(conv.weight.detach()))[1])
     for crit in (trp.energy(0.8), trp.fraction(0.5), trp.value(float(s[1])), trp.fixed(100)):
         assert _built_rank(trp.decompose_layer(conv, scheme, crit), scheme) == crit.select(s)
     with pytest.raises(TRPError, match="whole model"):
@@ -322,8 +330,9 @@ def test_built_layers_are_stock_and_carry_attributes(scheme, kernel, stride, pad
         assert low(x).shape == conv(x).shape and low(x).dtype == dtype
     if dtype == torch.float16:  # AMP weights: factored in float32, stored back in half
         wk = _compose(low.float(), scheme, conv.weight.shape)
-        best = svd_mod.truncate(*svd_mod.svd(svd_mod.to_matrix(conv.weight.detach().float(), scheme)), 2)
-        assert torch.allclose(svd_mod.to_matrix(wk, scheme), best, atol=1e-2)
+        sch = schemes.get(scheme)
+        best = svd_mod.truncate(*svd_mod.svd(sch.to_matrix(conv.weight.detach().float())), 2)
+        assert torch.allclose(sch.to_matrix(wk), best, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -341,7 +350,7 @@ def test_built_linear_is_stock(bias, dtype) -> None:
 def test_decomposed_model_keeps_float64(resnet20) -> None:
     """decompose_ on a float64 model builds float64 layers that run on float64 input."""
     model = copy.deepcopy(resnet20).double()
-    trp.decompose_(model, "channel", trp.fixed(4), input_shape=RESNET_INPUT)
+    trp.decompose_(model, trp.fixed(4), input_shape=RESNET_INPUT)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     with torch.no_grad():
         assert model(torch.randn(1, *RESNET_INPUT, dtype=torch.float64)).dtype == torch.float64
@@ -398,10 +407,10 @@ def test_unsupported_layers_stay_dense(scheme) -> None:
     for name, why in ZOO_REASONS.items():
         assert not lps[name].decomposed and why in lps[name].reason and lps[name].scheme is None
     assert "Linear is not handled" in lps["fc"].reason and "use scheme 'linear'" in lps["fc"].reason
-    kept = {name: dec.get_module(model, name) for name in list(ZOO_REASONS) + ["fc"]}
-    assert trp.decompose_(model, scheme, trp.fixed(1), input_shape=(C, H, W)) is model
+    kept = {name: get_module(model, name) for name in list(ZOO_REASONS) + ["fc"]}
+    assert trp.decompose_(model, trp.fixed(1), scheme=scheme, input_shape=(C, H, W)) is model
     assert isinstance(model.conv, nn.Sequential)
-    assert all(dec.get_module(model, name) is mod for name, mod in kept.items())
+    assert all(get_module(model, name) is mod for name, mod in kept.items())
     with torch.no_grad():
         assert model(x).shape == ref.shape
 
@@ -415,7 +424,7 @@ def test_scheme_tuple_handles_convs_and_linears() -> None:
     assert lps["conv"].scheme == "channel" and lps["fc"].scheme == "linear"
     assert lps["conv"].decomposed and lps["fc"].decomposed
     assert "no scheme of [channel, linear] applies" in lps["tconv"].reason
-    trp.decompose_(model, ("channel", "linear"), trp.fixed(1), input_shape=(C, H, W))
+    trp.decompose_(model, trp.fixed(1), scheme=("channel", "linear"), input_shape=(C, H, W))
     assert [type(m) for m in model.fc] == [nn.Linear, nn.Linear]
     assert [type(m) for m in model.conv] == [nn.Conv2d, nn.Conv2d]
 
@@ -426,7 +435,7 @@ def test_scheme_tuple_on_resnet20(resnet20) -> None:
     p = trp.plan(model, ("channel", "linear"), trp.fixed(4), input_shape=RESNET_INPUT)
     assert all(lp.decomposed for lp in p.layers) and len(p.layers) == 20
     assert {lp.scheme for lp in p.layers} == {"channel", "linear"}
-    trp.decompose_(model, ("channel", "linear"), plan=p)
+    trp.decompose_(model, p)
     assert isinstance(model.fc, nn.Sequential) and isinstance(model.fc[0], nn.Linear)
     prof = trp.profile(model, RESNET_INPUT)
     assert prof.macs == p.macs_after and prof.params == p.params_after
@@ -453,284 +462,25 @@ def test_decompose_layer_unsupported_raises(module, scheme, match) -> None:
         trp.decompose_layer(module, scheme)
 
 
-@pytest.mark.parametrize("scheme", ["bogus", "Channel", (), ["channel", "bogus"]])
-def test_unknown_scheme_raises(resnet20, scheme) -> None:
+@pytest.mark.parametrize(
+    "scheme, match",
+    [("bogus", "unknown scheme 'bogus'"), ("Channel", "unknown scheme 'Channel'"), ((), "no scheme given"),
+     (["channel", "bogus"], "unknown scheme 'bogus'")],
+    ids=["bogus", "Channel", "empty", "list"],
+)
+def test_unknown_scheme_raises(resnet20, scheme, match) -> None:
     """An unknown (or empty) scheme is a TRPError everywhere, and decompose_ leaves the model untouched."""
     model = copy.deepcopy(resnet20)
     snap = _snapshot(model)
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match=match):
         trp.plan(model, scheme, input_shape=RESNET_INPUT)
-    with pytest.raises(TRPError):
-        trp.decompose_(model, scheme, input_shape=RESNET_INPUT)
+    with pytest.raises(TRPError, match=match):
+        trp.decompose_(model, scheme=scheme, input_shape=RESNET_INPUT)
     if isinstance(scheme, str):
-        with pytest.raises(TRPError, match="unknown scheme"):
+        with pytest.raises(TRPError, match=match):
             trp.decompose_layer(nn.Conv2d(3, 4, 3), scheme)
     _assert_unchanged(model, snap)
 
-
-@pytest.mark.parametrize("rank", ["energy:0.9", True, 0.5, [4]])
-def test_plan_rejects_bad_rank_type(resnet20, rank) -> None:
-    """A rank that is neither an int nor a criterion is a TRPError (a bool is not a rank)."""
-    with pytest.raises(TRPError, match="rank must be"):
-        trp.plan(resnet20, "channel", rank, input_shape=RESNET_INPUT)
-
-
-def test_rank_that_does_not_lower_macs_stays_dense_pointwise() -> None:
-    """A 1×1 conv at full rank costs more as two layers, so it must stay dense with that reason."""
-    model = nn.Sequential(nn.Conv2d(C, N, 1))
-    p = trp.plan(model, "channel", trp.fraction(1.0), input_shape=(C, H, W))
-    (lp,) = p.layers
-    assert not lp.decomposed and "does not lower its MACs" in lp.reason
-    assert lp.rank == C and lp.macs_after >= lp.macs_before
-    assert p.macs_after == p.macs_before and p.speedup == 1.0
-    conv = model[0]
-    trp.decompose_(model, "channel", trp.fraction(1.0), input_shape=(C, H, W))
-    assert model[0] is conv
-
-
-def test_rank_that_does_not_lower_macs_stays_dense_resnet_stem(resnet20) -> None:
-    """ResNet-20's 3-channel stem at energy 1.0 would cost more decomposed, so it stays dense."""
-    model = copy.deepcopy(resnet20)
-    p = trp.plan(model, "channel", trp.energy(1.0), input_shape=RESNET_INPUT)
-    stem = p.layers[0]
-    assert stem.name == "conv1" and stem.rank == 16 and stem.full_rank == 16
-    assert not stem.decomposed and "does not lower its MACs" in stem.reason
-    conv1 = model.conv1
-    trp.decompose_(model, plan=p)
-    assert model.conv1 is conv1
-
-
-def test_filter_fn_exclusion_is_recorded(resnet20) -> None:
-    """Layers the filter rejects are listed as "excluded by filter_fn" and left in place."""
-    model = copy.deepcopy(resnet20)
-    seen = []
-
-    def keep(module: nn.Module, name: str) -> bool:
-        seen.append((type(module), name))
-        return not name.startswith("layer3") and name != "fc"
-
-    p = trp.plan(model, ("channel", "linear"), trp.fixed(4), filter_fn=keep, input_shape=RESNET_INPUT)
-    assert (nn.Conv2d, "layer3.0.conv1") in seen and (nn.Linear, "fc") in seen
-    for lp in p.layers:
-        excluded = lp.name.startswith("layer3") or lp.name == "fc"
-        assert (lp.reason == "excluded by filter_fn") == excluded
-        assert lp.decomposed == (not excluded)
-    kept = model.layer3[0].conv1
-    trp.decompose_(model, ("channel", "linear"), trp.fixed(4), filter_fn=keep, input_shape=RESNET_INPUT)
-    assert model.layer3[0].conv1 is kept and isinstance(model.fc, nn.Linear)
-    assert isinstance(model.layer1[0].conv1, nn.Sequential)
-
-
-# --------------------------------------------------------------------------------------------
-# 6. The global speed-up budget
-# --------------------------------------------------------------------------------------------
-
-
-def _gains(model: nn.Module, lp) -> torch.Tensor:
-    w = dec.get_module(model, lp.name).weight.detach()
-    spec = svd_mod.spectrum(svd_mod.svd(svd_mod.to_matrix(w, lp.scheme))[1]).double()
-    return spec.pow(2) / spec.pow(2).sum() / (lp.macs_after // lp.rank)
-
-
-@pytest.mark.parametrize("target", [2, 2.5, 3, 4])
-@pytest.mark.parametrize("scheme", CONV_SCHEMES)
-def test_speedup_budget_is_met_and_real(resnet20, scheme, target) -> None:
-    """speedup(s) must land within 2% of s, and the decomposed model's counted MACs must agree with the plan."""
-    model = copy.deepcopy(resnet20)
-    p = trp.plan(model, scheme, trp.speedup(target), input_shape=RESNET_INPUT)
-    assert p.macs_before == RESNET20_MACS
-    assert abs(p.speedup / target - 1) <= 0.02
-    assert str(p.criterion) == f"speedup:{target:g}"
-    # Rank goes where energy per MAC is highest: no unkept value buys more energy per MAC than a kept one,
-    # except for the last greedy fill steps that take a cheaper rank to land on the budget.
-    lps = [lp for lp in p.layers if lp.decomposed]
-    kept, nexts = [], []
-    for lp in lps:
-        g = _gains(model, lp)
-        kept += g[1 : lp.rank].tolist()  # the first value is kept by every decomposed layer regardless
-        cost = lp.macs_after // lp.rank
-        if lp.rank < lp.full_rank and (lp.rank + 1) * cost < lp.macs_before:
-            nexts.append(float(g[lp.rank]))
-    assert sum(v < max(nexts) for v in kept) <= 2
-    # The plan's accounting is what the decomposed model really costs.
-    trp.decompose_(model, plan=p)
-    prof = trp.profile(model, RESNET_INPUT)
-    assert prof.macs == p.macs_after
-    assert prof.params == p.params_after == sum(q.numel() for q in model.parameters())
-    assert abs(RESNET20_MACS / prof.macs / target - 1) <= 0.02
-
-
-def test_speedup_prefers_concentrated_spectrum() -> None:
-    """Of two equal-cost layers, the one whose energy is concentrated in few values must get the lower rank."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(N, N, 3, padding=1), nn.Conv2d(N, N, 3, padding=1))
-    spectra = [0.3 ** torch.arange(N, dtype=torch.float32), torch.ones(N)]  # concentrated, then flat
-    with torch.no_grad():
-        for conv, s in zip(model, spectra):
-            u, _, vh = torch.linalg.svd(torch.randn(N, N * 9), full_matrices=False)
-            conv.weight.copy_(((u * s) @ vh).reshape(conv.weight.shape))
-    p = trp.plan(model, "channel", trp.speedup(2), input_shape=(N, H, W))
-    a, b = p.layers
-    assert a.decomposed and b.decomposed
-    assert a.rank < b.rank and a.energy > b.energy
-    assert p.speedup >= 2 / 1.02
-
-
-@pytest.mark.parametrize("scheme", CONV_SCHEMES)
-def test_speedup_out_of_reach_raises(resnet20, scheme) -> None:
-    """A target beyond what rank 1 everywhere achieves must be refused, saying how far it can go."""
-    with pytest.raises(TRPError, match="out of reach"):
-        trp.plan(resnet20, scheme, trp.speedup(1000), input_shape=RESNET_INPUT)
-    model = copy.deepcopy(resnet20)
-    snap = _snapshot(model)
-    with pytest.raises(TRPError, match="out of reach"):
-        trp.decompose_(model, scheme, trp.speedup(1000), input_shape=RESNET_INPUT)
-    _assert_unchanged(model, snap)
-
-
-# --------------------------------------------------------------------------------------------
-# 7. Plans: JSON, apply_plan, table
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def channel_plan(resnet20) -> trp.Plan:
-    return trp.plan(resnet20, ("channel", "linear"), trp.speedup(3), input_shape=RESNET_INPUT)
-
-
-def test_plan_json_roundtrip(channel_plan, tmp_path) -> None:
-    """A plan must survive to_json/from_json exactly, from a string and from a file."""
-    text = channel_plan.to_json()
-    assert trp.Plan.from_json(text) == channel_plan
-    d = json.loads(text)
-    assert d["format"] == "trp-plan/1" and d["macs_after"] == channel_plan.macs_after
-    path = tmp_path / "plan.json"
-    assert channel_plan.to_json(path) == text and path.read_text() == text
-    assert trp.Plan.from_json(path) == channel_plan
-    assert trp.Plan.from_json(str(path)) == channel_plan
-    back = trp.Plan.from_json(text)
-    assert back.macs_after == channel_plan.macs_after and back.speedup == channel_plan.speedup
-
-
-def _plan_dict(plan: trp.Plan) -> dict:
-    return json.loads(plan.to_json())
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda p, tmp: "not json at all",
-        lambda p, tmp: "{not json",
-        lambda p, tmp: "[1, 2, 3]",
-        lambda p, tmp: "",
-        lambda p, tmp: "{}",
-        lambda p, tmp: json.dumps({**_plan_dict(p), "format": "trp-plan/2"}),
-        lambda p, tmp: json.dumps({k: v for k, v in _plan_dict(p).items() if k != "layers"}),
-        lambda p, tmp: json.dumps({**_plan_dict(p), "layers": [{"bogus": 1}]}),
-        lambda p, tmp: json.dumps({**_plan_dict(p), "layers": [1, 2]}),
-        lambda p, tmp: json.dumps({**_plan_dict(p), "input_shape": 5}),
-        lambda p, tmp: json.dumps({**_plan_dict(p), "macs_before": "many"}),
-        lambda p, tmp: tmp / "missing.json",
-        lambda p, tmp: tmp,  # a directory
-    ],
-    ids=["text", "broken", "list", "empty", "empty-obj", "format", "no-layers", "bad-layer", "int-layers",
-         "bad-shape", "bad-macs", "missing-file", "directory"],
-)
-def test_plan_from_json_garbage_raises(channel_plan, tmp_path, make) -> None:
-    """Anything that is not a trp plan must be a TRPError, never a KeyError/JSONDecodeError traceback."""
-    with pytest.raises(TRPError):
-        trp.Plan.from_json(make(channel_plan, tmp_path))
-
-
-@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@pytest.mark.parametrize(
-    "field, bad", [("scheme", "bogus"), ("scheme", None), ("rank", None), ("rank", 0), ("rank", "4")],
-)
-def test_damaged_plan_layer_is_trperror(channel_plan, field, bad) -> None:
-    """A plan whose decomposed layer has an unknown scheme or an invalid rank is damaged: TRPError, not a crash."""
-    d = json.loads(channel_plan.to_json())
-    i = next(i for i, lp in enumerate(d["layers"]) if lp["reason"] is None)
-    d["layers"][i][field] = bad
-    with pytest.raises(TRPError):
-        trp.apply_plan(create("resnet20"), trp.Plan.from_json(json.dumps(d)))
-
-
-@pytest.mark.parametrize("scheme", CONV_SCHEMES + [("spatial", "linear")], ids=lambda v: "+".join(v) if isinstance(v, tuple) else v)
-def test_apply_plan_then_load_state_dict_reproduces(resnet20, scheme) -> None:
-    """A fresh model given the plan's structure and the decomposed state_dict must compute identical outputs."""
-    model = copy.deepcopy(resnet20)
-    p = trp.plan(model, scheme, trp.speedup(2.5), input_shape=RESNET_INPUT)
-    trp.decompose_(model, plan=p)
-    fresh = create("resnet20")
-    assert trp.apply_plan(fresh, trp.Plan.from_json(p.to_json())) is fresh
-    fresh.load_state_dict(model.state_dict())  # strict: every key and shape matches
-    fresh.eval()
-    x = torch.randn(2, *RESNET_INPUT)
-    with torch.no_grad():
-        assert torch.equal(fresh(x), model(x))
-
-
-@pytest.mark.parametrize(
-    "other, match",
-    [
-        (lambda: create("vgg16"), "no layer 'conv1'"),
-        (lambda: create("resnet20", in_channels=1), r"layer 'conv1' is Conv2d \[16, 1, 3, 3\].*expects Conv2d \[16, 3, 3, 3\]"),
-        (lambda: create("resnet20", num_classes=7), r"layer 'fc' is Linear \[7, 64\]"),
-    ],
-    ids=["vgg16", "resnet20-gray", "resnet20-7-classes"],
-)
-def test_apply_plan_wrong_architecture_names_layer(resnet20, other, match) -> None:
-    """A plan applied to a model it does not fit must name the offending layer and change nothing."""
-    p = trp.plan(resnet20, ("channel", "linear"), trp.fixed(4), input_shape=RESNET_INPUT)
-    model = other()
-    snap = _snapshot(model)
-    with pytest.raises(TRPError, match=match):
-        trp.apply_plan(model, p)
-    with pytest.raises(TRPError, match=match):
-        trp.decompose_(model, plan=p)
-    _assert_unchanged(model, snap)
-
-
-@pytest.mark.parametrize("scheme", CONV_SCHEMES)
-def test_decompose_with_plan_applies_its_ranks(resnet20, scheme) -> None:
-    """decompose_(plan=...) uses the plan's ranks (not the rank argument) on another model's weights."""
-    p = trp.plan(resnet20, scheme, trp.speedup(3), input_shape=RESNET_INPUT)
-    torch.manual_seed(1)
-    other = create("resnet20")
-    trp.decompose_(other, "channel", trp.fixed(1), input_shape=RESNET_INPUT, plan=p)
-    for lp in p.layers:
-        mod = dec.get_module(other, lp.name)
-        if lp.decomposed:
-            assert isinstance(mod, nn.Sequential) and _built_rank(mod, lp.scheme) == lp.rank
-        else:
-            assert type(mod).__name__ == lp.type
-    assert trp.profile(other, RESNET_INPUT).macs == p.macs_after
-
-
-def test_plan_table_mentions_every_layer(resnet20) -> None:
-    """table() lists every counted layer and gives the reason for each one left dense."""
-    model = copy.deepcopy(resnet20)
-    p = trp.plan(model, "channel", trp.energy(1.0), filter_fn=lambda m, n: n != "layer2.0.conv2",
-                 input_shape=RESNET_INPUT)
-    table = p.table()
-    lines = table.splitlines()
-    assert len(lines) == len(p.layers) + 2
-    for lp, line in zip(p.layers, lines[1:]):
-        assert line.startswith(lp.name + " ")
-        if not lp.decomposed:
-            assert line.endswith(f"dense: {lp.reason}")
-    assert "dense: excluded by filter_fn" in table and "dense: rank 16 does not lower" in table
-    assert "energy:1" in lines[-1] and "(3, 32, 32)" in lines[-1]
-    assert str(p) == table
-
-
-def test_plan_does_not_change_model(resnet20) -> None:
-    """plan only reads the model: modules, weights, BN statistics and the training flag are untouched."""
-    model = copy.deepcopy(resnet20).train()
-    snap = _snapshot(model)
-    trp.plan(model, "spatial", trp.speedup(2), input_shape=RESNET_INPUT)
-    _assert_unchanged(model, snap)
-    assert model.training
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,7 +491,7 @@ def test_plan_does_not_change_model(resnet20) -> None:
 def test_decompose_returns_same_model(resnet20) -> None:
     """decompose_ works in place and returns the very model it was given (like torchao's quantize_)."""
     model = copy.deepcopy(resnet20)
-    assert trp.decompose_(model, "channel", trp.fixed(4), input_shape=RESNET_INPUT) is model
+    assert trp.decompose_(model, trp.fixed(4), input_shape=RESNET_INPUT) is model
     assert isinstance(model.layer1[0].conv1, nn.Sequential)
 
 
@@ -750,7 +500,7 @@ def test_decompose_rolls_back_when_build_fails(resnet20, monkeypatch, scheme) ->
     """If building the third layer fails, no layer of the model may have been replaced."""
     model = copy.deepcopy(resnet20)
     snap = _snapshot(model)
-    cls = type(dec.SCHEMES[scheme])
+    cls = type(schemes.SCHEMES[scheme])
     real = cls.build
     calls = []
 
@@ -762,7 +512,7 @@ def test_decompose_rolls_back_when_build_fails(resnet20, monkeypatch, scheme) ->
 
     monkeypatch.setattr(cls, "build", flaky)
     with pytest.raises(RuntimeError, match="simulated failure"):
-        trp.decompose_(model, scheme, trp.fixed(2), input_shape=RESNET_INPUT)
+        trp.decompose_(model, trp.fixed(2), scheme=scheme, input_shape=RESNET_INPUT)
     assert len(calls) == 3
     _assert_unchanged(model, snap)
 
@@ -771,7 +521,7 @@ def test_decompose_rolls_back_when_swap_fails(resnet20, monkeypatch) -> None:
     """If the third replacement itself fails mid-swap, the two already made are undone."""
     model = copy.deepcopy(resnet20)
     snap = _snapshot(model)
-    real = dec.set_module
+    real = surgery.set_module
     calls = []
 
     def flaky(m, name, new):
@@ -780,9 +530,9 @@ def test_decompose_rolls_back_when_swap_fails(resnet20, monkeypatch) -> None:
             raise RuntimeError("simulated swap failure")
         real(m, name, new)
 
-    monkeypatch.setattr(dec, "set_module", flaky)
+    monkeypatch.setattr(surgery, "set_module", flaky)
     with pytest.raises(RuntimeError, match="simulated swap failure"):
-        trp.decompose_(model, "channel", trp.fixed(2), input_shape=RESNET_INPUT)
+        trp.decompose_(model, trp.fixed(2), input_shape=RESNET_INPUT)
     _assert_unchanged(model, snap)
 
 
@@ -797,23 +547,40 @@ def test_energy_0999_keeps_outputs_close(scheme) -> None:
     p = trp.plan(model, scheme, trp.energy(0.999), input_shape=RESNET_INPUT)
     assert sum(lp.decomposed for lp in p.layers) >= 10 and p.speedup > 1.2
     assert all(lp.energy >= 0.999 - 1e-6 for lp in p.layers if lp.decomposed)
-    trp.decompose_(model, plan=p)
+    trp.decompose_(model, p)
     with torch.no_grad():
         out = model(x)
     assert float((out - ref).norm() / ref.norm()) < 0.05
 
 
-@pytest.mark.parametrize("scheme", CONV_SCHEMES)
+@pytest.mark.parametrize("scheme", CONV_SCHEMES + [("spatial", "linear")], ids=str)
 def test_full_rank_model_is_unchanged(resnet20, scheme) -> None:
-    """At fraction(1.0) no layer of ResNet-20 gets cheaper, so all stay dense and the output is unchanged."""
+    """Every ResNet-20 layer decomposed at full rank computes the same output (fails if a scheme's build is broken).
+
+    Full rank never lowers a layer's MACs, so the fraction(1.0) plan keeps every layer dense; the
+    same plan with its layers forced to decomposed (as a user may edit a plan's JSON) then makes
+    decompose_ really build every layer at full rank.
+    """
     model = copy.deepcopy(resnet20)
     x = torch.randn(2, *RESNET_INPUT)
     with torch.no_grad():
         ref = model(x)
     p = trp.plan(model, scheme, trp.fraction(1.0), input_shape=RESNET_INPUT)
-    conv_lps = [lp for lp in p.layers if lp.type == "Conv2d"]
-    assert all(lp.rank == lp.full_rank and "does not lower" in lp.reason for lp in conv_lps)
-    trp.decompose_(model, plan=p)
+    lps = [lp for lp in p.layers if lp.scheme is not None]
+    assert len(lps) == (20 if isinstance(scheme, tuple) else 19)
+    assert all(lp.rank == lp.full_rank and "does not lower" in lp.reason for lp in lps)
+    snap = _snapshot(model)
+    trp.decompose_(model, p)
+    _assert_unchanged(model, snap)  # nothing lowers MACs: nothing is replaced
+    forced = trp.Plan.from_json(p.to_json())
+    for lp in forced.layers:
+        if lp.scheme is not None:
+            lp.reason = None
+    trp.decompose_(model, forced)
+    built = [get_module(model, lp.name) for lp in lps]
+    assert all(type(m) is nn.Sequential and len(m) == 2 for m in built)
+    assert [_built_rank(m, lp.scheme) for m, lp in zip(built, lps)] == [lp.full_rank for lp in lps]
+    assert trp.profile(model, RESNET_INPUT).macs == forced.macs_after > RESNET20_MACS
     with torch.no_grad():
         out = model(x)
     assert float((out - ref).norm() / ref.norm()) <= 1e-4
@@ -830,7 +597,82 @@ def test_exactly_low_rank_model_is_reproduced(scheme, rank) -> None:
     p = trp.plan(model, scheme, trp.energy(0.99999), input_shape=RESNET_INPUT)
     convs = [lp for lp in p.layers if lp.type == "Conv2d"]
     assert all(lp.decomposed and lp.rank <= rank for lp in convs)
-    trp.decompose_(model, plan=p)
+    trp.decompose_(model, p)
     with torch.no_grad():
         out = model(x)
     assert float((out - ref).norm() / ref.norm()) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "arg, same_as",
+    [("speedup:3", trp.speedup(3)), ("fixed:4", trp.fixed(4)), (4, trp.fixed(4)), (None, trp.energy(0.9))],
+    ids=["speedup-text", "fixed-text", "int", "default"],
+)
+def test_decompose_rank_argument_forms(resnet20, arg, same_as) -> None:
+    """decompose_ reads a criterion's text ("speedup:3"), an int (fixed) and None (energy 0.9) as plan() would."""
+    model = copy.deepcopy(resnet20)
+    p = trp.plan(resnet20, "channel", same_as, input_shape=RESNET_INPUT)
+    assert any(lp.decomposed for lp in p.layers)
+    trp.decompose_(model, arg, input_shape=RESNET_INPUT)
+    for lp in p.layers:
+        mod = get_module(model, lp.name)
+        assert (type(mod) is nn.Sequential) == lp.decomposed
+        if lp.decomposed:
+            assert _built_rank(mod, "channel") == lp.rank
+    assert trp.profile(model, RESNET_INPUT).macs == p.macs_after
+
+
+@pytest.mark.parametrize(
+    "arg, match", [("speedup", "rank must look like NAME:NUMBER"), ("speedup:0.5", "speed-up must be >= 1"),
+                   (True, "rank must be an int"), (2.5, "rank must be an int")],
+)
+def test_decompose_bad_rank_argument_raises(resnet20, arg, match) -> None:
+    """A malformed rank argument is a one-line TRPError and the model is left untouched."""
+    model = copy.deepcopy(resnet20)
+    snap = _snapshot(model)
+    with pytest.raises(TRPError, match=match):
+        trp.decompose_(model, arg, input_shape=RESNET_INPUT)
+    _assert_unchanged(model, snap)
+
+
+# --------------------------------------------------------------------------------------------
+# 9. One SVD per decomposed layer
+# --------------------------------------------------------------------------------------------
+
+
+def _count_svds(monkeypatch) -> list[str]:
+    """Wrap trp.svd.svd (the schemes call it as ``svd_mod.svd``) to record the layer name of every call."""
+    real = svd_mod.svd
+    names: list[str] = []
+
+    def counting(matrix, name="weight"):
+        names.append(name)
+        return real(matrix, name)
+
+    monkeypatch.setattr(svd_mod, "svd", counting)
+    return names
+
+
+@pytest.mark.parametrize("rank", [trp.speedup(3), trp.fixed(4)], ids=str)
+@pytest.mark.parametrize("scheme", CONV_SCHEMES + [("channel", "linear")], ids=str)
+def test_decompose_takes_one_svd_per_layer(resnet20, monkeypatch, scheme, rank) -> None:
+    """decompose_ takes one SVD per decomposed layer, planning itself or given a plan; plan() takes none."""
+    names = _count_svds(monkeypatch)
+    p = trp.plan(resnet20, scheme, rank, input_shape=RESNET_INPUT)
+    assert names == []  # planning needs singular values only (svdvals)
+    decomposed = [lp.name for lp in p.layers if lp.decomposed]
+    assert len(decomposed) >= 10
+    trp.decompose_(copy.deepcopy(resnet20), p)
+    assert names == decomposed
+    names.clear()
+    trp.decompose_(copy.deepcopy(resnet20), rank, scheme=scheme, input_shape=RESNET_INPUT)
+    assert names == decomposed
+
+
+def test_decompose_layer_takes_one_svd(monkeypatch) -> None:
+    """decompose_layer factors its layer once, for a fixed rank and for a criterion alike."""
+    names = _count_svds(monkeypatch)
+    conv = _conv((3, 3), padding=1)
+    trp.decompose_layer(conv, "spatial", trp.energy(0.9))
+    trp.decompose_layer(conv, "decouple", 2)
+    assert len(names) == 2

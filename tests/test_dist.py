@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
+# Every test here starts torchrun with two processes: integration tests, kept out of the quick loop.
+pytestmark = pytest.mark.slow
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -14,7 +14,12 @@ import torch
 
 import trp
 from trp import checkpoint as ckpt
+from trp import structure
 from trp.cli import main
+from trp.errors import TRPError
+from trp.export import export
+from trp.models import create
+from trp.svd_training import svd_parametrize_
 from trp.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,3 +114,132 @@ def test_export_bad_input(compressed: Path, tmp_path: Path, one_line_error) -> N
     assert not out.exists()
     (tmp_path / "a_file").write_text("x")
     one_line_error(["export", compressed, "--format", "torchscript", "--out", tmp_path / "a_file" / "m.pt"])
+
+
+# ------------------------------------------------------------------------------------ nothing overwritten
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_export_refuses_existing_out_unless_overwrite(compressed: Path, tmp_path: Path, one_line_error) -> None:
+    """#15 item 1: an existing --out is kept unless the caller asks to overwrite it."""
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    line = one_line_error(["export", compressed, "--format", "torchscript", "--out", out])
+    assert "exists" in line and "--overwrite" in line
+    with pytest.raises(TRPError, match="exists; choose another --out or pass --overwrite"):
+        export(compressed, "onnx", out)
+    assert out.read_text() == "mine"
+    assert export(compressed, "torchscript", out, overwrite=True).startswith(f"wrote {out}")
+    assert torch.jit.load(str(out)) is not None
+
+
+def test_export_never_writes_over_its_inputs(compressed: Path, tmp_path: Path, one_line_error) -> None:
+    """#15 item 1: the model being exported, its folder's files and the source run's checkpoint are
+    refused as --out even with --overwrite (by path, through a symlink or a hard link)."""
+    run = compressed.parent / "run"
+    before = {d: _snapshot(d) for d in (compressed, run)}
+    link = tmp_path / "link.onnx"
+    link.symlink_to(compressed / ckpt.MODEL_FILE)
+    hard = tmp_path / "hard.onnx"
+    os.link(run / ckpt.CHECKPOINT_FILE, hard)
+    targets = [compressed / ckpt.MODEL_FILE, run / ckpt.CHECKPOINT_FILE, compressed / "report.json",
+               compressed / "plan.json", link, hard]
+    for out in targets:
+        for fmt in ("onnx", "torchscript"):
+            with pytest.raises(TRPError, match="refusing to write over"):
+                export(compressed, fmt, out, overwrite=True)
+    # Exporting a file (not the folder) protects the same inputs.
+    with pytest.raises(TRPError, match="refusing to write over"):
+        export(compressed / ckpt.MODEL_FILE, "onnx", compressed / ckpt.MODEL_FILE, overwrite=True)
+    assert "refusing to write over" in one_line_error(["export", compressed, "--format", "onnx", "--out",
+                                                      run / ckpt.CHECKPOINT_FILE, "--overwrite"])
+    assert {d: _snapshot(d) for d in (compressed, run)} == before
+    trp.load(compressed)
+    trp.load(run)
+    assert one_line_error(["export", compressed, "--format", "onnx", "--out", compressed]).endswith("is a folder; give the file to write")
+
+
+# ------------------------------------------------------------------------------------ full disk, bad numbers
+
+_FULL_DISK = """
+import resource, signal, sys
+from trp.cli import main
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+sys.exit(main(["export", sys.argv[1], "--format", sys.argv[2], "--out", sys.argv[3]]))
+"""
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_on_full_disk_is_one_line(compressed: Path, tmp_path: Path, fmt: str) -> None:
+    """#15 item 5: TorchScript's own file writer aborted Python (exit 134) on a full disk; now one line, no file."""
+    out = tmp_path / "out" / "m.bin"
+    out.parent.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, str(compressed), fmt, str(out)], capture_output=True,
+                          text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr  # a TRPError naming the file, as every other refusal
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trp: error: cannot write") and "m.bin" in lines[0], proc.stderr
+    assert list(out.parent.iterdir()) == []  # neither the file nor a temporary
+
+
+def test_export_batch_size_is_checked(compressed: Path, tmp_path: Path, one_line_error) -> None:
+    """#15 item 7: --batch-size 1e12 used to reach torch.randn; now a one-line error, exit 2."""
+    out = tmp_path / "m.onnx"
+    assert "batch-size must be <= 4096" in one_line_error(["export", compressed, "--format", "onnx",
+                                                           "--batch-size", "1e12", "--out", out])
+    for bad, message in [(10**12, "batch-size must be <= 4096"), (2.5, "whole number"), (True, "whole number"),
+                         ("8", None)]:
+        if message is None:
+            assert export(compressed, "onnx", out, batch_size=bad, overwrite=True).startswith("wrote")
+            continue
+        with pytest.raises(TRPError, match=message):
+            export(compressed, "onnx", out, batch_size=bad, overwrite=True)
+    with pytest.raises(TRPError, match="unknown export format 'tflite'"):
+        export(compressed, "tflite", out)
+
+
+# ------------------------------------------------------------------------------------ SVD-trained models
+
+
+@pytest.fixture(scope="module")
+def svd_model(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+    """A model file of an SVD-parametrized network (the structure an SVD-training run saves)."""
+    folder = tmp_path_factory.mktemp("svd") / "run"
+    torch.manual_seed(0)
+    model = svd_parametrize_(create("resnet20", num_classes=10, in_channels=1), "channel")
+    spec = structure.ModelSpec("resnet20", 10, 1, [1, 8, 8], dataset="digits").then(
+        {"kind": "svd-parametrize", "scheme": "channel"})
+    structure.save_model(folder / ckpt.MODEL_FILE, model, spec)
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_svd_trained_model(svd_model: Path, tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture) -> None:
+    """#15 item 7: TorchScript export of an SVD-trained run was a traceback (parametrized modules do not script)."""
+    out = tmp_path / f"m.{fmt}"
+    assert main(["export", str(svd_model), "--format", fmt, "--out", str(out)]) == 0
+    assert "matches PyTorch" in capsys.readouterr().out
+    x = _inputs(4)
+    with torch.no_grad():
+        expected = trp.load(svd_model)(x)
+        if fmt == "torchscript":
+            got = torch.jit.load(str(out))(x)
+        else:
+            ort = pytest.importorskip("onnxruntime")
+            got = torch.from_numpy(ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+                                   .run(None, {"input": x.numpy()})[0])
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert any(p.__class__.__name__ == "ParametrizationList" for p in trp.load(svd_model).modules())  # source untouched
+
+
+def test_export_names_the_runtime_of_the_latency_figures(compressed: Path, tmp_path: Path) -> None:
+    """The summary says where report.json's latency was measured (PyTorch), not to be read as the export's."""
+    summary = export(compressed, "onnx", tmp_path / "m.onnx")
+    device = json.loads((compressed / "report.json").read_text())["latency_device"]
+    assert summary.endswith(f"report.json's latency was measured in PyTorch on {device}, not in onnxruntime")

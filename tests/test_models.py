@@ -1,8 +1,10 @@
-"""Tests for trp.models: sizes, shapes, shortcut semantics, errors and serialisability."""
+"""Tests for trp.models: sizes, shapes, shortcut semantics, errors and serialisability; the package namespace."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,14 +119,15 @@ def test_unknown_name_raises() -> None:
     with pytest.raises(TRPError, match="unknown model 'resnet21'; choose one of: resnet20") as info:
         models.create("resnet21")
     assert "\n" not in str(info.value)
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match="unknown model 'resnet21'; choose one of: resnet20"):
         models.default_input_size("resnet21")
 
 
 @pytest.mark.parametrize("kwargs", [{"num_classes": 0}, {"in_channels": 0}, {"num_classes": -3}])
 def test_bad_sizes_raise(kwargs: dict[str, int]) -> None:
     """Non-positive class or channel counts must be rejected before building anything."""
-    with pytest.raises(TRPError):
+    (key, value), = kwargs.items()
+    with pytest.raises(TRPError, match=f"{key} must be a positive integer, got {value}"):
         models.create("resnet20", **kwargs)
 
 
@@ -147,3 +150,30 @@ def test_deepcopy_and_export() -> None:
     exported = torch.export.export(model, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# The package namespace
+# --------------------------------------------------------------------------------------------
+
+
+def test_plain_import_binds_models() -> None:
+    """After a plain ``import trp`` (fresh process), ``trp.models.create`` works without importing trp.models."""
+    code = ("import trp; m = trp.models.create('resnet20'); "
+            "print(type(m).__name__, sum(p.numel() for p in m.parameters()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["ResNetCifar", "269722"]
+
+
+def test_package_all_is_unique_and_complete() -> None:
+    """trp.__all__ names each export once ("load" was listed twice) and every name in it exists."""
+    import trp
+
+    assert trp.__all__.count("load") == 1
+    assert len(trp.__all__) == len(set(trp.__all__))
+    missing = [name for name in trp.__all__ if not hasattr(trp, name)]
+    assert missing == []
+    ns: dict = {}
+    exec("from trp import *", ns)
+    assert set(trp.__all__) <= set(ns)

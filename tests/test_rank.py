@@ -1,4 +1,4 @@
-"""Tests for trp.rank: the per-layer rank criteria, their validation and the command-line parser."""
+"""Tests for trp.rank: the per-layer criteria, their validation, the command-line parser, resolve, the budget solver."""
 
 from __future__ import annotations
 
@@ -113,33 +113,35 @@ def test_fraction_rounds_up(p: float, n: int, expected: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "make, arg",
+    "make, arg, match",
     [
-        (trp.energy, 0),
-        (trp.energy, 1.5),
-        (trp.energy, -0.1),
-        (trp.energy, float("nan")),
-        (trp.energy, float("inf")),
-        (trp.energy, "x"),
-        (trp.energy, None),
-        (trp.fraction, 0),
-        (trp.fraction, 1.01),
-        (trp.fraction, float("nan")),
-        (trp.fixed, 0),
-        (trp.fixed, -3),
-        (trp.fixed, 2.5),
-        (trp.fixed, float("inf")),
-        (trp.speedup, 0.5),
-        (trp.speedup, 0),
-        (trp.speedup, float("nan")),
-        (trp.speedup, float("inf")),
-        (trp.value, -1),
-        (trp.value, float("nan")),
+        (trp.energy, 0, "energy must be > 0, got 0"),
+        (trp.energy, 1.5, "energy must be <= 1, got 1.5"),
+        (trp.energy, -0.1, "energy must be > 0, got -0.1"),
+        (trp.energy, float("nan"), "energy must be finite"),
+        (trp.energy, float("inf"), "energy must be finite"),
+        (trp.energy, "x", "energy must be a number, got 'x'"),
+        (trp.energy, None, "energy must be a number, got None"),
+        (trp.energy, True, "energy must be a number, got True"),
+        (trp.fraction, 0, "rank fraction must be > 0"),
+        (trp.fraction, 1.01, "rank fraction must be <= 1"),
+        (trp.fraction, float("nan"), "rank fraction must be finite"),
+        (trp.fixed, 0, "rank must be >= 1, got 0"),
+        (trp.fixed, -3, "rank must be >= 1, got -3"),
+        (trp.fixed, 2.5, "rank must be a whole number, got 2.5"),
+        (trp.fixed, float("inf"), "rank must be a whole number, got inf"),
+        (trp.fixed, True, "rank must be a whole number, got True"),
+        (trp.speedup, 0.5, "speed-up must be >= 1, got 0.5"),
+        (trp.speedup, 0, "speed-up must be >= 1, got 0"),
+        (trp.speedup, float("nan"), "speed-up must be finite"),
+        (trp.speedup, float("inf"), "speed-up must be finite"),
+        (trp.value, -1, "singular-value threshold must be >= 0"),
+        (trp.value, float("nan"), "singular-value threshold must be finite"),
     ],
 )
-def test_invalid_criteria_raise(make, arg) -> None:
+def test_invalid_criteria_raise(make, arg, match: str) -> None:
     """Out-of-range or non-numeric criterion values must be rejected up front with a TRPError."""
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match=match):
         make(arg)
 
 
@@ -177,12 +179,27 @@ def test_parse(text: str, expected) -> None:
     assert trp.parse(str(got)) == got
 
 
+FORMAT = "rank must look like NAME:NUMBER with NAME one of energy, value, fixed, fraction, speedup"
+
+
 @pytest.mark.parametrize(
-    "text", ["bogus", "energy", "energy:x", "energy:", "speed:3", ":3", "energy:1.5", "fixed:2.5", "value:-1", ""]
+    "text, match",
+    [
+        ("bogus", FORMAT),
+        ("energy", FORMAT),
+        ("energy:x", "rank 'energy:x': 'x' is not a number"),
+        ("energy:", "rank 'energy:': '' is not a number"),
+        ("speed:3", FORMAT),
+        (":3", FORMAT),
+        ("energy:1.5", "energy must be <= 1"),
+        ("fixed:2.5", "rank must be a whole number"),
+        ("value:-1", "singular-value threshold must be >= 0"),
+        ("", FORMAT),
+    ],
 )
-def test_parse_rejects(text: str) -> None:
+def test_parse_rejects(text: str, match: str) -> None:
     """A malformed or out-of-range command-line rank is a TRPError, not a ValueError traceback."""
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match=match):
         trp.parse(text)
 
 
@@ -192,3 +209,131 @@ def test_criteria_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         crit.e = 0.5  # type: ignore[misc]
     assert hash(crit) == hash(trp.energy(0.9))
+
+
+# --------------------------------------------------------------------------------------------
+# resolve: the one normalization of a rank argument
+# --------------------------------------------------------------------------------------------
+
+
+def test_resolve_normalizes_rank_arguments() -> None:
+    """None → energy(0.9) (or the given default), int → fixed, criteria unchanged, dicts checked per layer."""
+    assert rank_mod.resolve(None) == trp.energy(0.9)
+    assert rank_mod.resolve(None, default=trp.value(0.05)) == trp.value(0.05)
+    assert rank_mod.resolve(4) == trp.fixed(4)
+    crit = trp.speedup(2.5)
+    assert rank_mod.resolve(crit) is crit
+    assert rank_mod.resolve({"a": 2, "b": 3.0, "c": "5"}) == {"a": 2, "b": 3, "c": 5}
+    assert all(type(k) is int for k in rank_mod.resolve({"b": 3.0, "c": "5"}).values())
+
+
+@pytest.mark.parametrize(
+    "rank, match",
+    [
+        (True, "rank must be an int, a {layer: rank} dict or a criterion"),
+        (0.5, "rank must be an int, a {layer: rank} dict or a criterion"),
+        ("energy:0.9", "rank must be an int, a {layer: rank} dict or a criterion"),
+        ([4], "rank must be an int"),
+        (0, "rank must be >= 1, got 0"),
+        ({"conv": 0}, "rank of layer 'conv' must be >= 1"),
+        ({"conv": True}, "rank of layer 'conv' must be a whole number"),
+        ({"conv": 2.5}, "rank of layer 'conv' must be a whole number"),
+    ],
+)
+def test_resolve_rejects(rank, match: str) -> None:
+    """A bool, a float, a string (parse it first) or a bad per-layer rank is a one-line TRPError."""
+    with pytest.raises(TRPError, match=match) as info:
+        rank_mod.resolve(rank)
+    assert "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# solve_budget: the whole-model budget on plain records
+# --------------------------------------------------------------------------------------------
+
+
+def _made_up_layers(seed: int, n: int = 12) -> list[rank_mod.BudgetLayer]:
+    """Layers with random spectra (flat to fast-decaying), costs per rank and dense costs, in made-up units."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        full = int(torch.randint(4, 65, (1,), generator=g))
+        decay = float(torch.rand(1, generator=g)) * 0.3 + 0.7
+        spectrum = torch.rand(full, generator=g, dtype=torch.float64) * decay ** torch.arange(full)
+        spectrum = spectrum.sort(descending=True).values
+        cost = float(torch.randint(10, 200, (1,), generator=g))
+        dense = cost * full * (0.4 + float(torch.rand(1, generator=g)))  # some layers cheaper dense than at full rank
+        out.append(rank_mod.BudgetLayer(f"layer{i}", spectrum, cost, dense))
+    return out
+
+
+def _cost(layers, ranks, total) -> float:
+    return total - sum(lay.dense for lay in layers) + sum(
+        lay.dense if ranks[lay.name] is None else ranks[lay.name] * lay.cost for lay in layers
+    )
+
+
+@pytest.mark.parametrize("target", [1.2, 1.5, 2.0, 3.0, 5.0])
+@pytest.mark.parametrize("seed", range(6))
+def test_solve_budget_meets_target_within_two_percent(seed: int, target: float) -> None:
+    """On a made-up set of layers the ranks land within 2 % of the target, each rank valid, dense only when cheaper."""
+    layers = _made_up_layers(seed)
+    total = sum(lay.dense for lay in layers) * 1.1  # 10 % of the model is not decomposable
+    assert rank_mod.rank_one_speedup(layers, total) > target  # the made-up set can reach it
+    ranks = rank_mod.solve_budget(layers, total, target)
+    assert set(ranks) == {lay.name for lay in layers}
+    for lay in layers:
+        k = ranks[lay.name]
+        assert k is None or (1 <= k <= lay.spectrum.numel() and k * lay.cost < lay.dense), (lay.name, k)
+    assert abs(total / _cost(layers, ranks, total) / target - 1) <= 0.02
+
+
+def test_solve_budget_keeps_layer_dense_when_rank_one_costs_more() -> None:
+    """A layer whose rank 1 already costs at least its dense form is never decomposed (None)."""
+    layers = [
+        rank_mod.BudgetLayer("costly", torch.tensor([9.0, 0.1]), cost=120.0, dense=100.0),
+        rank_mod.BudgetLayer("cheap", torch.tensor([4.0, 2.0, 1.0, 0.5]), cost=10.0, dense=100.0),
+    ]
+    for target in (1.0, 1.3, 1.6):
+        ranks = rank_mod.solve_budget(layers, 200.0, target)
+        assert ranks["costly"] is None and ranks["cheap"] is not None
+    assert rank_mod.rank_one_speedup(layers, 200.0) == pytest.approx(200 / 110)
+
+
+def test_solve_budget_puts_rank_where_energy_per_cost_is_highest() -> None:
+    """Of two equal-cost layers the one with a concentrated spectrum gets the lower rank."""
+    layers = [
+        rank_mod.BudgetLayer("flat", torch.ones(8, dtype=torch.float64), 10.0, 200.0),
+        rank_mod.BudgetLayer("steep", 0.3 ** torch.arange(8, dtype=torch.float64), 10.0, 200.0),
+    ]
+    ranks = rank_mod.solve_budget(layers, 400.0, 4.0)
+    assert ranks["steep"] < ranks["flat"]
+    assert abs(400.0 / _cost(layers, ranks, 400.0) / 4.0 - 1) <= 0.02
+
+
+def test_solve_budget_takes_any_cost_unit() -> None:
+    """Costs are plain numbers (MACs or milliseconds): scaling every cost leaves the ranks unchanged."""
+    layers = _made_up_layers(3)
+    total = sum(lay.dense for lay in layers) * 1.1
+    scaled = [rank_mod.BudgetLayer(lay.name, lay.spectrum, lay.cost * 1e-6, lay.dense * 1e-6) for lay in layers]
+    assert rank_mod.solve_budget(scaled, total * 1e-6, 2.0) == rank_mod.solve_budget(layers, total, 2.0)
+
+
+def test_solve_budget_unreachable_raises_one_line() -> None:
+    """A target beyond every layer at rank 1 is a one-line TRPError that says how far the layers can go."""
+    layers = [rank_mod.BudgetLayer("a", torch.ones(4), 10.0, 100.0)]
+    best = rank_mod.rank_one_speedup(layers, 200.0)
+    assert best == pytest.approx(200 / 110)
+    with pytest.raises(TRPError, match=rf"speed-up 3x is out of reach: .* runs {best:.2f}x fewer MACs") as info:
+        rank_mod.solve_budget(layers, 200.0, 3.0)
+    assert "\n" not in str(info.value)
+    with pytest.raises(TRPError, match="speed-up 1.5x is out of reach"):
+        rank_mod.solve_budget([], 200.0, 1.5)  # nothing to decompose
+
+
+def test_solve_budget_target_one_keeps_everything_cheaper() -> None:
+    """speed-up 1 is always reachable; no layer is decomposed to a form costing more than dense."""
+    layers = _made_up_layers(1)
+    total = sum(lay.dense for lay in layers)
+    ranks = rank_mod.solve_budget(layers, total, 1.0)
+    assert _cost(layers, ranks, total) <= total * 1.02

@@ -1,4 +1,6 @@
-"""Tests for trp.svd: weight layouts, the robust SVD with its fallbacks, spectra and truncation."""
+"""Tests for trp.svd: the robust SVD and svdvals with their fallbacks, spectra and truncation.
+
+The weight layouts moved to the schemes (tests/test_schemes.py)."""
 
 from __future__ import annotations
 
@@ -9,53 +11,6 @@ from trp import svd as svd_mod
 from trp.errors import TRPError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-CONV_SHAPES = [(8, 6, 3, 3), (8, 6, 5, 5), (8, 6, 1, 3), (4, 12, 3, 1), (1, 1, 1, 1)]
-
-
-@pytest.mark.parametrize("shape", CONV_SHAPES)
-@pytest.mark.parametrize("layout", ["channel", "spatial", "decouple"])
-def test_to_from_matrix_roundtrip(layout: str, shape: tuple[int, ...]) -> None:
-    """from_matrix must invert to_matrix exactly, or a full-rank decomposition could not be exact."""
-    w = torch.randn(shape)
-    m = svd_mod.to_matrix(w, layout)
-    n, c, kh, kw = shape
-    expected = {"channel": (n, c * kh * kw), "spatial": (c * kh, n * kw), "decouple": (n, c, kh * kw)}[layout]
-    assert tuple(m.shape) == expected
-    assert torch.equal(svd_mod.from_matrix(m, layout, w.shape), w)
-
-
-def test_layouts_index_the_documented_entries() -> None:
-    """Each layout must put W[n,c,y,x] where the scheme's factorization expects it."""
-    n, c, kh, kw = 4, 3, 2, 5
-    w = torch.arange(n * c * kh * kw, dtype=torch.float64).reshape(n, c, kh, kw)
-    ch, sp, de = (svd_mod.to_matrix(w, lay) for lay in ("channel", "spatial", "decouple"))
-    for i in range(n):
-        for j in range(c):
-            for y in range(kh):
-                for x in range(kw):
-                    v = w[i, j, y, x]
-                    assert ch[i, (j * kh + y) * kw + x] == v
-                    assert sp[j * kh + y, i * kw + x] == v
-                    assert de[i, j, y * kw + x] == v
-
-
-def test_linear_layout_is_identity() -> None:
-    """A Linear weight is already the matrix; the linear layout must not copy or permute it."""
-    w = torch.randn(5, 7)
-    assert svd_mod.to_matrix(w, "linear") is w
-    assert torch.equal(svd_mod.from_matrix(w, "linear", w.shape), w)
-
-
-@pytest.mark.parametrize("fn", ["to_matrix", "from_matrix"])
-def test_unknown_layout_raises(fn: str) -> None:
-    """A misspelt scheme must be a TRPError listing the choices, not a silent reshape."""
-    w = torch.randn(4, 3, 3, 3)
-    with pytest.raises(TRPError, match="unknown scheme 'bogus'"):
-        if fn == "to_matrix":
-            svd_mod.to_matrix(w, "bogus")
-        else:
-            svd_mod.from_matrix(w.reshape(4, 27), "bogus", w.shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -134,6 +89,63 @@ def test_svd_all_attempts_fail_names_layer(monkeypatch: pytest.MonkeyPatch, fail
     monkeypatch.setattr(torch.linalg, "svd", broken)
     with pytest.raises(TRPError, match=r"SVD of layer 'features\.3' failed"):
         svd_mod.svd(torch.randn(4, 4), "features.3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (8, 6, 9)])
+def test_svdvals_matches_svd(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """svdvals gives svd's singular values (descending, float32 or wider) without the vectors."""
+    torch.manual_seed(0)
+    m = torch.randn(shape).to(dtype)
+    s = svd_mod.svdvals(m)
+    ref = svd_mod.svd(m)[1]
+    assert s.dtype == ref.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert s.shape == ref.shape and torch.all(s[..., :-1] >= s[..., 1:])
+    assert torch.allclose(s, ref, atol=1e-5 if dtype != torch.float64 else 1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_svdvals_non_finite_names_layer(bad: float) -> None:
+    """Non-finite weights are reported with the layer's name by svdvals too."""
+    m = torch.randn(4, 5)
+    m[0, 0] = bad
+    with pytest.raises(TRPError, match=r"layer 'fc' has non-finite"):
+        svd_mod.svdvals(m, "fc")
+
+
+@pytest.mark.parametrize("failure", ["runtime", "linalg", "nan_values"])
+def test_svdvals_float64_fallback(monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """When the float32 svdvals fails (or returns NaN), the float64 retry must rescue it."""
+    real = torch.linalg.svdvals
+    calls: list[torch.dtype] = []
+
+    def flaky(a, *args, **kwargs):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            if failure == "runtime":
+                raise RuntimeError("linalg.svd: The algorithm failed to converge")
+            if failure == "linalg":
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+            return real(a, *args, **kwargs) * float("nan")
+        return real(a, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svdvals", flaky)
+    m = torch.randn(6, 9)
+    s = svd_mod.svdvals(m, "fc")
+    assert calls == [torch.float32, torch.float64]
+    assert s.dtype == torch.float32
+    assert torch.allclose(s, real(m), atol=1e-5)
+
+
+def test_svdvals_all_attempts_fail_names_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """If every attempt fails, svdvals raises a TRPError naming the layer."""
+
+    def broken(a, *args, **kwargs):
+        raise RuntimeError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svdvals", broken)
+    with pytest.raises(TRPError, match=r"SVD of layer 'features\.3' failed"):
+        svd_mod.svdvals(torch.randn(4, 4), "features.3")
 
 
 def test_spectrum_single_and_batched() -> None:

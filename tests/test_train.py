@@ -70,6 +70,7 @@ def test_digits_run_writes_its_folder(tmp_path: Path) -> None:
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None:
     """Stopping after epoch 1 and resuming ends with exactly the metrics of a run never stopped."""
     config = TrainConfig(dataset="digits", epochs=3, method="trp", period=4, energy=0.8, batch_size=64)
@@ -83,6 +84,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None
     assert resumed == whole
 
 
+@pytest.mark.slow
 def test_trp_run_ranks_fall_and_compression_is_lossless_on_digits(tmp_path: Path) -> None:
     """TRP lowers the ranks during training, and value:0.05 decomposition keeps the accuracy exactly."""
     run = tmp_path / "trp"
@@ -98,6 +100,7 @@ def test_trp_run_ranks_fall_and_compression_is_lossless_on_digits(tmp_path: Path
     assert keys <= set(json.loads((tmp_path / "small" / "report.json").read_text()))
 
 
+@pytest.mark.slow
 @needs_cifar
 def test_cifar_mini_trp_then_compress_value_threshold(tmp_path: Path) -> None:
     """A short TRP run on real CIFAR-10 images decomposes with value:0.05 within 0.5 pt, with fewer MACs."""
@@ -171,7 +174,7 @@ def test_recalibrate_bn_matches_batch_statistics() -> None:
     """BN running statistics after recalibration are the average of the batches' own statistics."""
     from trp.data import load
     from trp.models import create
-    from trp.train import recalibrate_bn
+    from trp.loop import recalibrate_bn
 
     torch.manual_seed(0)
     model, data = create("resnet20", in_channels=1), load("digits")
@@ -190,7 +193,7 @@ def test_trp_final_state_is_low_rank_and_consistent(tmp_path: Path) -> None:
     run = tmp_path / "run"
     summary = train(TrainConfig(dataset="digits", epochs=2, method="trp", period=5, energy=0.8), run, **QUIET)
     from trp.data import load
-    from trp.train import evaluate
+    from trp.loop import evaluate
 
     model = trp.load(run)
     acc, _ = evaluate(model, load("digits"))
@@ -200,6 +203,7 @@ def test_trp_final_state_is_low_rank_and_consistent(tmp_path: Path) -> None:
     assert rank < w.shape[0]
 
 
+@pytest.mark.slow
 def test_speedup_target_with_freeze_trains_to_the_budget_and_resumes(tmp_path: Path) -> None:
     """--speedup S ranks give S x fewer MACs on decomposition; a run resumed past --freeze matches one never stopped."""
     config = TrainConfig(dataset="digits", epochs=3, method="trp", period=4, speedup=2.0, energy_ramp=1.0, freeze=1.5,
@@ -218,6 +222,7 @@ def test_speedup_target_with_freeze_trains_to_the_budget_and_resumes(tmp_path: P
     assert report["acc_after"] == pytest.approx(report["acc_before"], abs=0.2)
 
 
+@pytest.mark.slow
 def test_epoch_time_excludes_the_one_off_final_projection(tmp_path: Path) -> None:
     """Per-epoch time counts the steps only: TRP's final projection and BN recalibration are timed apart."""
     train(TrainConfig(dataset="digits", epochs=2, method="trp", period=4, energy=0.8), tmp_path / "trp", **QUIET)
@@ -226,3 +231,98 @@ def test_epoch_time_excludes_the_one_off_final_projection(tmp_path: Path) -> Non
     finish = [float(r["finish_time_s"]) for r in trp_rows]
     assert finish[-1] > 0 and finish[-1] > 20 * finish[0]  # recalibration is a pass over the data; epoch 1 has none
     assert all(float(r["finish_time_s"]) < finish[-1] for r in base_rows)  # the baseline has no end-of-training work
+
+
+def test_methods_registry_is_the_one_list() -> None:
+    """trp.methods.METHODS names every method once: the config accepts exactly those, the CLI lists them."""
+    from trp import methods
+    from trp.cli import build_parser
+    from trp.train import METHODS
+
+    assert METHODS == tuple(methods.METHODS) == ("baseline", "trp", "nuclear", "svd")
+    for name in METHODS:
+        extra = {"nuclear": 1e-3} if name == "nuclear" else {}
+        assert TrainConfig(method=name, **extra).method == name
+        assert methods.get(name).name == name
+    with pytest.raises(TRPError, match="unknown method 'prune'; choose one of: baseline, trp, nuclear, svd"):
+        TrainConfig(method="prune")
+    train_help = build_parser()._subparsers._group_actions[0].choices["train"].format_help()  # noqa: SLF001
+    assert "baseline, trp, nuclear, svd" in " ".join(train_help.split())
+    with pytest.raises(TRPError, match="method svd does not train in scheme 'decouple'; choose one of: channel, spatial"):
+        TrainConfig(method="svd", scheme="decouple")
+
+
+def test_trp_method_hooks_come_off_with_detach() -> None:
+    """The TRP method works through optimizer hooks: steps count while attached, not after detach()."""
+    from trp import methods
+    from trp.data import load
+    from trp.loop import make_optimizer
+    from trp.models import create
+
+    config = TrainConfig(dataset="digits", period=2, energy=0.8)
+    model = create("resnet20", in_channels=1)
+    method = methods.get("trp")(config)
+    method.prepare(model, load("digits"), 12)
+    opt = make_optimizer(model, 0.05, 0.9, 1e-4)
+    method.attach(opt)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    opt.step()
+    opt.step()
+    assert method.reg.steps == 2 and method.reg.history[-1][0] == 2  # the second step projected
+    method.detach()
+    opt.step()
+    assert method.reg.steps == 2
+    tensors, meta = method.state_dict()
+    assert int(tensors["trp.steps"]) == 2 and meta["rank_history"][-1][0] == 2
+
+
+def test_svd_training_run_loads_and_compresses(tmp_path: Path) -> None:
+    """An SVD-training run records its parametrization in the spec; it loads, and compresses by its own factors."""
+    run = tmp_path / "svd"
+    summary = train(TrainConfig(dataset="digits", epochs=1, method="svd", scheme="spatial", sparsity="l1:1e-4"), run,
+                    **QUIET)
+    meta = trp.checkpoint.read_safetensors(run / "checkpoint.safetensors")[1]
+    assert meta["model"]["transforms"] == [{"kind": "svd-parametrize", "scheme": "spatial"}]
+    assert float(_metrics(run)[0]["mean_rank"]) > 0
+    from trp.data import load
+    from trp.loop import evaluate
+
+    assert evaluate(trp.load(run), load("digits"))[0] == pytest.approx(summary["test_acc"], abs=1e-3)
+    report = compress(run, tmp_path / "small", "fixed:4", latency_batch=8, check_latency=False, log=lambda s: None)
+    assert report["scheme"] == "spatial" and report["layers_decomposed"] > 0 and report["flops_speedup"] > 1
+    small = trp.load(tmp_path / "small")
+    assert evaluate(small, load("digits"))[0] == pytest.approx(report["acc_after"], abs=1e-3)
+    assert trp.profile(small, (1, 8, 8)).macs == report["macs_after"]
+
+
+def test_finetune_runs_the_training_loop_on_its_cosine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """compress's fine-tuning is the training Loop with the one cosine schedule: lr from peak towards 0."""
+    import trp.compress
+    from trp.data import load
+    from trp.loop import cosine_lr
+    from trp.models import create
+
+    seen: list[tuple[float, int, int]] = []
+
+    def recording(lr: float, done: int, total: int) -> float:
+        seen.append((lr, done, total))
+        return cosine_lr(lr, done, total)
+
+    monkeypatch.setattr(trp.compress, "cosine_lr", recording)
+    trp.compress.finetune(create("resnet20", in_channels=1), load("digits"), 2, 0.02, 256, 0, log=lambda s: None)
+    steps = [done for _, done, _ in seen]
+    assert {lr for lr, _, _ in seen} == {0.02} and {t for _, _, t in seen} == {12}  # 2 epochs of 6 batches
+    assert sorted(set(steps)) == list(range(12))
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    """trp demo trains baseline and TRP, compresses both at equal MACs and writes the comparison."""
+    from trp.demo import run_demo
+
+    rows = run_demo(tmp_path / "demo", epochs=2, overwrite=True, log=lambda s: None)
+    assert [r["method"] for r in rows] == ["baseline", "post-hoc SVD", "TRP"]
+    assert rows[1]["macs_speedup"] == pytest.approx(rows[2]["macs_speedup"], rel=0.05)  # compared at equal MACs
+    assert json.loads((tmp_path / "demo" / "comparison.json").read_text()) == rows
+    assert (tmp_path / "demo" / "comparison.md").read_text().startswith("| method |")
+    assert not (tmp_path / "demo" / ".trp.lock").exists()

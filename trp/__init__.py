@@ -5,20 +5,23 @@ layers, and measure what the decomposition buys.
 
 Example:
     >>> import trp
-    >>> from trp.models import create
-    >>> model = trp.decompose_(create("resnet20"), "channel", trp.speedup(3.0), input_shape=(3, 32, 32))
+    >>> model = trp.decompose_(trp.models.create("resnet20"), trp.speedup(3.0), input_shape=(3, 32, 32))
     >>> round(40_551_040 / trp.profile(model, (3, 32, 32)).macs, 1)
     3.0
 """
 
 from __future__ import annotations
 
-from trp.checkpoint import load
-from trp.decompose import SCHEMES, LayerPlan, Plan, apply_plan, decompose_, decompose_layer, fold_bn_, plan
+from trp import models
+from trp.bn import fold_bn_
+from trp.structure import load
+from trp.decompose import decompose_, decompose_layer
 from trp.errors import TRPError
 from trp.hook import TRP, ramp
 from trp.measure import Profile, latency_ms, profile
+from trp.plan import LayerPlan, Plan, apply_plan, plan
 from trp.rank import energy, fixed, fraction, parse, speedup, value
+from trp.schemes import SCHEMES
 
 __version__ = "0.1.0"
 
@@ -35,10 +38,10 @@ __all__ = [
     "energy",
     "fixed",
     "fold_bn_",
-    "load",
     "fraction",
     "latency_ms",
     "load",
+    "models",
     "parse",
     "plan",
     "profile",

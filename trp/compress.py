@@ -1,11 +1,15 @@
 """``trp compress``: decompose a trained run, evaluate before and after, measure, save.
 
-Steps, in order: load the run's model; evaluate it; fold BatchNorm into the convs (exact at
+Steps, in order: check that ``out`` can be written; load the run's model and its data; take the
+output folder (:func:`trp.runs.locked`); evaluate; fold BatchNorm into the convs (exact at
 inference, and it removes a memory-bound pass per layer); plan ranks with the chosen criterion on
-the layers TRP trains (every conv but the first); measure each planned layer dense and decomposed
-and keep dense any whose decomposed form is slower; decompose; optionally fine-tune; evaluate and
-time again. The folder written holds ``model.safetensors`` (weights plus the spec and plan, so
-``trp.load`` rebuilds it without pickles), ``plan.json`` and ``report.json``.
+the layers TRP trains (every conv but the first), from singular values only; measure each planned
+layer dense and decomposed and keep dense any whose decomposed form is slower; decompose (one SVD
+per decomposed layer); optionally fine-tune (the training loop of :mod:`trp.loop`, on its cosine
+schedule); evaluate and time again; write. The folder written holds ``model.safetensors`` (weights
+plus the spec, whose transforms record the BN folding and the plan, so ``trp.load`` rebuilds it
+without pickles), ``plan.json`` and ``report.json``; with ``overwrite``, nothing else trp wrote
+there before stays.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -20,14 +26,27 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from trp import checkpoint as ckpt
-from trp import decompose as dec
 from trp import rank as rank_mod
+from trp import schemes
+from trp.bn import fold_bn_
+from trp.checkpoint import MODEL_FILE
+from trp.data import load as load_data
+from trp.decompose import decompose_
 from trp.errors import TRPError
 from trp.io import atomic_write_text
+from trp.loop import Loop, cosine_lr, evaluate, make_optimizer, resolve_device
 from trp.measure import latency_ms, profile
+from trp.plan import Plan, plan
+from trp.runs import check_writable, clear_run, contents, locked
+from trp.structure import ModelSpec, load_model, save_model
+from trp.surgery import FilterFn, default_filter, get_module
+from trp.svd_training import truncate_to_dense_
+from trp.validate import number, whole
 
-__all__ = ["compress", "keep_faster", "finetune", "best_latency"]
+__all__ = ["compress", "keep_faster", "finetune", "best_latency", "MAX_LATENCY_BATCH"]
+
+#: Largest batch for the latency measurements: far above any useful one, far below the memory it would take.
+MAX_LATENCY_BATCH = 65536
 
 
 def best_latency(model: nn.Module, input_shape: list[int], batch_size: int, min_run_time: float = 0.3) -> tuple[float, str]:
@@ -47,15 +66,16 @@ def best_latency(model: nn.Module, input_shape: list[int], batch_size: int, min_
     return results[fmt], fmt
 
 
-def keep_faster(model: nn.Module, plan: dec.Plan, batch_size: int, min_run_time: float = 0.05,
-                channels_last: bool = False, rounds: int = 3) -> dec.Plan:
+def keep_faster(model: nn.Module, plan: Plan, batch_size: int, min_run_time: float = 0.05,
+                channels_last: bool = False, rounds: int = 3) -> Plan:
     """Mark dense every planned layer whose decomposed form measures slower than the dense one.
 
     Fewer MACs do not always mean less time (two small kernels, a memory-bound 1×1 conv); this
     check keeps the measured speed-up honest. Layers are timed alone at their traced input shape,
     in the memory format the model will run in (channels-last changes the answer on CPUs). Dense
     and decomposed forms are timed in turn, ``rounds`` times each, and each keeps its fastest
-    median: a slow spell of a shared machine then rarely decides a layer's fate.
+    median: a slow spell of a shared machine then rarely decides a layer's fate. The decomposed
+    forms are timed untrained (no SVD is taken here; the values do not change the time).
 
     Example:
         >>> import trp
@@ -64,14 +84,13 @@ def keep_faster(model: nn.Module, plan: dec.Plan, batch_size: int, min_run_time:
         >>> isinstance(keep_faster(m, p, 1, min_run_time=0.01), trp.Plan)
         True
     """
-    if rounds < 1:
-        raise TRPError(f"rounds must be >= 1, got {rounds}")
+    rounds = whole(rounds, "rounds", low=1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     layers = []
     for lp in plan.layers:
         if lp.decomposed:
-            dense = copy.deepcopy(dec.get_module(model, lp.name)).to(memory_format=fmt)
-            low = dec.SCHEMES[lp.scheme].build(dense, lp.rank).to(memory_format=fmt)
+            dense = copy.deepcopy(get_module(model, lp.name)).to(memory_format=fmt)
+            low = schemes.get(lp.scheme).build(dense, lp.rank).to(memory_format=fmt)
             t_dense = t_low = math.inf
             for _ in range(rounds):
                 t_dense = min(t_dense, latency_ms(dense, lp.in_shape, batch_size, min_run_time=min_run_time,
@@ -86,29 +105,114 @@ def keep_faster(model: nn.Module, plan: dec.Plan, batch_size: int, min_run_time:
 
 def finetune(model: nn.Module, data: Any, epochs: int, lr: float, batch_size: int, seed: int,
              log: Callable[[str], None] = print) -> None:
-    """A few epochs of SGD with a cosine schedule (for post-hoc decomposition baselines).
+    """A few epochs of SGD on :func:`trp.loop.cosine_lr` (for post-hoc decomposition baselines).
+
+    SGD with Nesterov momentum 0.9 and weight decay 1e-4 on every parameter, through the training
+    loop's :class:`~trp.loop.Loop`; the data order is its own (epochs 10000, 10001, ... of the
+    run's seed), apart from the training run's.
 
     Example:
         >>> from trp.data import load
         >>> from trp.models import create
         >>> finetune(create("resnet20", in_channels=1), load("digits"), 1, 0.01, 256, 0, log=lambda s: None)
     """
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
-    steps = data.num_train_batches(batch_size)
-    model.train()
+    loop = Loop(model, make_optimizer(model, lr, 0.9, 1e-4, norm_decay=1e-4), data, batch_size, seed)
+    steps = loop.steps_per_epoch
     for epoch in range(epochs):
-        for step, (x, y) in enumerate(data.train_batches(batch_size, 10_000 + epoch, seed)):
-            for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + step) / (epochs * steps)))
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        log(f"fine-tune epoch {epoch + 1}/{epochs}  loss {loss.item():.4f}")
+        stats = loop.epoch(epoch, lambda step: cosine_lr(lr, epoch * steps + step, epochs * steps), order=10_000 + epoch)
+        log(f"fine-tune epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}")
     model.eval()
+
+
+def _check_out(out: Path, run: str | Path, overwrite: bool) -> None:
+    """Before any work: ``out`` can be written, is empty (or ``overwrite``), and is not the source."""
+    if out.exists() and not out.is_dir():
+        raise TRPError(f"output {out} exists and is not a folder")
+    check_writable(out)
+    if contents(out) and not overwrite:
+        raise TRPError(f"{out} is not empty; choose another --out or pass --overwrite")
+    source = Path(run) if Path(run).is_dir() else Path(run).parent
+    if out.is_dir() and source.is_dir() and os.path.samefile(out, source):
+        raise TRPError(f"--out {out} is the folder of the run being compressed, which --overwrite would replace; "
+                       "choose another --out")
+
+
+def _dense_form(model: nn.Module, spec: ModelSpec, criterion: Any) -> tuple[nn.Module, ModelSpec, Any, FilterFn]:
+    """The model as dense layers, the criterion to plan with and the layers to plan."""
+    if spec.find("svd-parametrize") is None:
+        return model, spec, criterion, default_filter(model)
+    # SVD training (Yang et al.) prunes by its own trained singular values: each layer becomes
+    # the dense weight U_k diag(s_k) V_kᵀ, of rank k exactly, and then follows TRP's path, so
+    # the decomposed modules and the plan are the same as for any other run.
+    if isinstance(criterion, rank_mod.Speedup):
+        raise TRPError("SVD-trained runs are pruned by their singular values: use value:, energy:, fixed: or fraction:")
+    model, ranks = truncate_to_dense_(model, criterion)
+    return model, spec.without("svd-parametrize"), ranks, lambda module, name: name in ranks
+
+
+def _fold(model: nn.Module, spec: ModelSpec) -> ModelSpec:
+    pairs = fold_bn_(model)
+    return spec.then({"kind": "fold-bn", "pairs": pairs}) if pairs else spec
+
+
+def _decompose(model: nn.Module, spec: ModelSpec, scheme: str, criterion: Any, layer_filter: FilterFn,
+               label: str, check_latency: bool, latency_batch: int, min_run_time: float,
+               channels_last: bool) -> tuple[ModelSpec, Plan]:
+    p = plan(model, scheme, criterion, filter_fn=layer_filter, input_shape=spec.input_shape)
+    p.criterion = label
+    if check_latency:
+        p = keep_faster(model, p, latency_batch, min_run_time / 3, channels_last=channels_last)
+    decompose_(model, p)  # one SVD per decomposed layer: planning took singular values only
+    return spec.then({"kind": "decompose", "plan": p}), p
+
+
+def _warn_if_degenerate(criterion: Any, p: Plan) -> None:
+    planned = [lp for lp in p.layers if lp.scheme is not None]
+    if isinstance(criterion, rank_mod.Value) and planned and all(lp.rank == 1 for lp in planned):
+        warnings.warn(f"--rank {criterion} cut every layer to rank 1: the threshold is above nearly every singular "
+                      "value (TRP runs are usually decomposed with value:0.05); wrote the rank-1 model as asked",
+                      stacklevel=3)
+
+
+def _load_run(run: str | Path, data_dir: str | None) -> tuple[nn.Module, ModelSpec, dict, torch.device, Any]:
+    """The run's model (on its device), spec and config, and its data (checked to fit)."""
+    model, spec, meta = load_model(run)
+    if spec.find("decompose") is not None:
+        raise TRPError(f"{run} is already compressed")
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    device = resolve_device(config.get("device", "auto"))
+    data = load_data(spec.dataset, data_dir or config.get("data_dir"), False,
+                     bool(config.get("skip_bad_images", False))).to(device)
+    if list(data.input_shape) != list(spec.input_shape):
+        raise TRPError(f"the data's input shape {list(data.input_shape)} is not the model's {spec.input_shape}")
+    return model.to(device), spec, config, device, data
+
+
+def _measured(model: nn.Module, spec: ModelSpec, latency_batch: int, min_run_time: float) -> tuple[Any, float, str]:
+    """(profile, milliseconds, memory format) of a model as it will run."""
+    return (profile(model, spec.input_shape), *best_latency(model, spec.input_shape, latency_batch, min_run_time))
+
+
+def _report(run: str | Path, criterion: Any, scheme: str, accs: tuple[float, float], before: tuple[Any, float, str],
+            after: tuple[Any, float, str], latency_batch: int, device: torch.device, finetune_epochs: int,
+            p: Plan) -> dict:
+    (acc_before, acc_after), (prof_before, dense_ms, dense_fmt), (prof_after, low_ms, low_fmt) = accs, before, after
+    return {
+        "source": str(run), "rank": str(criterion), "scheme": scheme,
+        "acc_before": round(acc_before, 4), "acc_after": round(acc_after, 4),
+        "macs_before": prof_before.macs, "macs_after": prof_after.macs,
+        "flops_speedup": round(prof_before.macs / max(prof_after.macs, 1), 4),
+        "params_before": prof_before.params, "params_after": prof_after.params,
+        "latency_ms_before": round(dense_ms, 4), "latency_ms_after": round(low_ms, 4),
+        "latency_speedup": round(dense_ms / max(low_ms, 1e-9), 4),
+        "latency_batch_size": latency_batch, "latency_device": str(device), "latency_threads": torch.get_num_threads(),
+        "memory_format_before": dense_fmt, "memory_format_after": low_fmt,
+        "latency_note": "both models with BatchNorm folded into the convs, eval mode, inference_mode; median of torch.utils.benchmark blocks",
+        "params_note": "both counts with BatchNorm folded into the convs",
+        "finetune_epochs": finetune_epochs,
+        "layers_decomposed": sum(lp.decomposed for lp in p.layers),
+        "layers_dense": [[lp.name, lp.reason] for lp in p.layers if not lp.decomposed],
+    }
 
 
 def compress(
@@ -131,13 +235,13 @@ def compress(
         run: A run folder (``checkpoint.safetensors``) or a model folder/file.
         out: Output folder.
         rank: A criterion or its text (``value:0.05``, ``energy:0.95``, ``fixed:8``, ``speedup:3``).
-        scheme: ``channel``, ``spatial`` or ``decouple`` (default: the run's own scheme).
+        scheme: A name of :data:`trp.schemes.SCHEMES` (default: the run's own scheme).
         finetune_epochs: Epochs of fine-tuning after decomposition (0: none, as TRP needs none).
         finetune_lr: Peak learning rate of that fine-tuning.
         data_dir: Data folder, if not the one the run was trained on.
         latency_batch: Batch size for the latency measurements.
         check_latency: Keep dense the layers whose decomposed form measures slower.
-        overwrite: Allow ``out`` to hold a previous compression.
+        overwrite: Replace what ``out`` holds (every file trp wrote there is removed).
         log: Where progress lines go.
         min_run_time: Seconds per whole-model latency measurement (a third of it per layer check).
 
@@ -154,90 +258,40 @@ def compress(
         >>> r["flops_speedup"] > 1.5
         True
     """
-    from trp.data import load as load_data
-    from trp.hook import default_filter
-    from trp.train import evaluate, resolve_device
-
     criterion = rank_mod.parse(rank) if isinstance(rank, str) else rank
-    if finetune_epochs < 0:
-        raise TRPError(f"finetune must be >= 0 epochs, got {finetune_epochs}")
-    if not (math.isfinite(finetune_lr) and finetune_lr > 0):
-        raise TRPError(f"finetune-lr must be a finite number > 0, got {finetune_lr}")
-    if latency_batch < 1:
-        raise TRPError(f"latency-batch must be >= 1, got {latency_batch}")
-    if scheme is not None and scheme not in dec.SCHEMES:
-        raise TRPError(f"unknown scheme {scheme!r}; choose one of: {', '.join(dec.SCHEMES)}")
+    finetune_epochs = whole(finetune_epochs, "finetune", low=0)
+    finetune_lr = number(finetune_lr, "finetune-lr", low=0.0, low_open=True)
+    latency_batch = whole(latency_batch, "latency-batch", low=1, high=MAX_LATENCY_BATCH)
+    if scheme is not None:
+        schemes.get(scheme)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise TRPError(f"{out} is not empty; choose another --out or pass --overwrite")
-    model, spec, meta = ckpt.load_model(run)
-    if spec.plan:
-        raise TRPError(f"{run} is already compressed")
-    config = meta.get("config", {})
-    device = resolve_device(config.get("device", "auto"))
-    model.to(device)
-    scheme = scheme or spec.svd_scheme or config.get("scheme", "channel")
-    data = load_data(spec.dataset, data_dir or config.get("data_dir"), False).to(device)
-    if list(data.input_shape) != list(spec.input_shape):
-        raise TRPError(f"the data's input shape {list(data.input_shape)} is not the model's {spec.input_shape}")
-    acc_before, _ = evaluate(model, data)
-    layer_filter = default_filter(model)
-    if spec.svd_scheme:
-        # SVD training (Yang et al.) prunes by its own trained singular values: each layer becomes
-        # the dense weight U_k diag(s_k) V_kᵀ, of rank k exactly, and then follows TRP's path, so
-        # the decomposed modules and the plan are the same as for any other run.
-        from trp.svd_training import truncate_to_dense_
-
-        if isinstance(criterion, rank_mod.Speedup):
-            raise TRPError("SVD-trained runs are pruned by their singular values: use value:, energy:, fixed: or fraction:")
-        model, ranks = truncate_to_dense_(model, criterion)
-        spec = replace(spec, svd_scheme=None)
-        layer_filter = lambda module, name: name in ranks  # noqa: E731
-        criterion_for_plan: Any = ranks
-    else:
-        criterion_for_plan = criterion
-    model.eval()
-    dense_ref = copy.deepcopy(model)
-    dec.fold_bn_(dense_ref)
-    # Counted like the result: the dense network with BatchNorm folded (MACs are the same either way).
-    prof_before = profile(dense_ref, spec.input_shape)
-    dense_ms, dense_fmt = best_latency(dense_ref, spec.input_shape, latency_batch, min_run_time)
-    del dense_ref
-    # Without fine-tuning, BN is folded first so the planner and the latency check see the layers
-    # as they will run; fine-tuning wants BN, so then it is folded into the decomposed model after.
-    fold_first = finetune_epochs == 0
-    bn_pairs = dec.fold_bn_(model) if fold_first else []
-    plan = dec.plan(model, scheme, criterion_for_plan, filter_fn=layer_filter, input_shape=spec.input_shape)
-    plan.criterion = str(criterion)
-    if check_latency:
-        plan = keep_faster(model, plan, latency_batch, min_run_time / 3, channels_last=dense_fmt == "channels_last")
-    dec.decompose_(model, plan=plan)
-    if not fold_first:
-        finetune(model, data, finetune_epochs, finetune_lr, config.get("batch_size", 128), config.get("seed", 0), log)
-        bn_pairs = dec.fold_bn_(model.eval())
-    spec = replace(spec, bn_folded=bn_pairs, fold_after_plan=not fold_first, plan=plan.to_dict())
-    acc_after, _ = evaluate(model, data)
-    prof_after = profile(model, spec.input_shape)
-    low_ms, low_fmt = best_latency(model, spec.input_shape, latency_batch, min_run_time)
-
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_model(out / ckpt.MODEL_FILE, model, spec, extra={"source": str(run), "config": config})
-    plan.to_json(out / "plan.json")
-    report = {
-        "source": str(run), "rank": str(criterion), "scheme": scheme,
-        "acc_before": round(acc_before, 4), "acc_after": round(acc_after, 4),
-        "macs_before": prof_before.macs, "macs_after": prof_after.macs,
-        "flops_speedup": round(prof_before.macs / max(prof_after.macs, 1), 4),
-        "params_before": prof_before.params, "params_after": prof_after.params,
-        "latency_ms_before": round(dense_ms, 4), "latency_ms_after": round(low_ms, 4),
-        "latency_speedup": round(dense_ms / max(low_ms, 1e-9), 4),
-        "latency_batch_size": latency_batch, "latency_device": str(device), "latency_threads": torch.get_num_threads(),
-        "memory_format_before": dense_fmt, "memory_format_after": low_fmt,
-        "latency_note": "both models with BatchNorm folded into the convs, eval mode, inference_mode; median of torch.utils.benchmark blocks",
-        "params_note": "both counts with BatchNorm folded into the convs",
-        "finetune_epochs": finetune_epochs,
-        "layers_decomposed": sum(lp.decomposed for lp in plan.layers),
-        "layers_dense": [[lp.name, lp.reason] for lp in plan.layers if not lp.decomposed],
-    }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1))
+    _check_out(out, run, overwrite)
+    model, spec, config, device, data = _load_run(run, data_dir)
+    svd = spec.find("svd-parametrize")
+    scheme = scheme or (svd["scheme"] if svd else None) or config.get("scheme", "channel")
+    with locked(out):
+        acc_before, _ = evaluate(model, data)
+        model, spec, plan_rank, layer_filter = _dense_form(model, spec, criterion)
+        dense_ref = copy.deepcopy(model.eval())
+        fold_bn_(dense_ref)  # counted and timed like the result, with BatchNorm folded (MACs are the same either way)
+        before = _measured(dense_ref, spec, latency_batch, min_run_time)
+        del dense_ref
+        # Without fine-tuning, BN is folded first so the planner and the latency check see the layers
+        # as they will run; fine-tuning wants BN, so then it is folded into the decomposed model after.
+        if finetune_epochs == 0:
+            spec = _fold(model, spec)
+        spec, p = _decompose(model, spec, scheme, plan_rank, layer_filter, str(criterion), check_latency,
+                             latency_batch, min_run_time, before[2] == "channels_last")
+        _warn_if_degenerate(criterion, p)
+        if finetune_epochs:
+            finetune(model, data, finetune_epochs, finetune_lr, config.get("batch_size", 128), config.get("seed", 0), log)
+            spec = _fold(model.eval(), spec)
+        acc_after, _ = evaluate(model, data)
+        after = _measured(model, spec, latency_batch, min_run_time)
+        report = _report(run, criterion, scheme, (acc_before, acc_after), before, after, latency_batch, device,
+                         finetune_epochs, p)
+        clear_run(out)  # with overwrite: nothing of what trp wrote there before stays beside the new model
+        save_model(out / MODEL_FILE, model, spec, extra={"source": str(run), "config": config})
+        p.to_json(out / "plan.json")
+        atomic_write_text(out / "report.json", json.dumps(report, indent=1))
     return report

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
+from trp.compress import compress
 from trp.errors import TRPError
 from trp.io import atomic_write_text
+from trp.runs import contents, locked
+from trp.train import TrainConfig, train
+from trp.validate import whole
 
 __all__ = ["run_demo", "DEMO_SETTINGS"]
 
@@ -21,21 +26,27 @@ DEMO_SETTINGS = {"model": "resnet20", "dataset": "digits", "lr": 0.05, "batch_si
 TRP_SETTINGS = {"method": "trp", "scheme": "channel", "energy": 0.9, "period": 10, "nuclear": 3e-4}
 
 
-def run_demo(out: str | Path = "runs/demo", epochs: int = 30, overwrite: bool = False, log=print) -> list[dict]:
+def run_demo(out: str | Path = "runs/demo", epochs: int = 30, overwrite: bool = False,
+             log: Callable[[str], None] = print) -> list[dict]:
     """Baseline vs TRP on digits, end to end; returns the comparison rows (also saved as JSON).
 
-    Example:
+    Example (a minute of training; tests/test_train.py runs it):
         >>> import tempfile
-        >>> rows = run_demo(tempfile.mkdtemp(), epochs=2, overwrite=True, log=lambda s: None)
-        >>> [r["method"] for r in rows]
+        >>> rows = run_demo(tempfile.mkdtemp(), epochs=2, overwrite=True, log=lambda s: None)  # doctest: +SKIP
+        >>> [r["method"] for r in rows]  # doctest: +SKIP
         ['baseline', 'post-hoc SVD', 'TRP']
     """
-    from trp.compress import compress
-    from trp.train import TrainConfig, train
-
+    epochs = whole(epochs, "epochs", low=1)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise TRPError(f"output {out} exists and is not a folder")
+    if contents(out) and not overwrite:
         raise TRPError(f"{out} is not empty; pass --overwrite or choose another --out")
+    with locked(out):  # one demo at a time in a folder; each run and compression also locks its own
+        return _demo(out, epochs, log)
+
+
+def _demo(out: Path, epochs: int, log: Callable[[str], None]) -> list[dict]:
     runs = {}
     for name, extra in (("baseline", {"method": "baseline"}),
                         ("trp", {**TRP_SETTINGS, "energy_ramp": epochs / 3})):

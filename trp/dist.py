@@ -21,7 +21,8 @@ from torch import nn
 
 from trp.errors import TRPError
 
-__all__ = ["init_from_env", "shutdown", "rank_and_world", "replica_digest", "replicas_identical", "broadcast_buffers"]
+__all__ = ["init_from_env", "shutdown", "rank_and_world", "any_rank", "replica_digest", "replicas_identical",
+           "broadcast_buffers"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -37,27 +38,29 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_from_env() -> torch.device | None:
-    """Start the process group when launched by torchrun; returns this rank's CUDA device, if any.
+def init_from_env() -> bool:
+    """Start the process group when launched by torchrun; True if this call started one.
+
+    On CUDA each process also takes its GPU (``LOCAL_RANK``) as the current device, which training
+    then uses. Without torchrun (``WORLD_SIZE`` unset or 1), or with a group already running,
+    nothing happens and the result is False, so the caller knows whether to :func:`shutdown`.
 
     Example:
-        >>> init_from_env() is None  # not under torchrun
-        True
+        >>> init_from_env()  # not under torchrun
+        False
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = torch.distributed
     if world <= 1 or not dist.is_available() or dist.is_initialized():
-        return None
+        return False
     use_cuda = torch.cuda.is_available()
     try:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     except (RuntimeError, ValueError) as err:
         raise TRPError(f"could not start the process group: {str(err).splitlines()[0]}") from None
     if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        return device
-    return None
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return True
 
 
 def shutdown() -> None:
@@ -76,6 +79,23 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True if ``flag`` is True on any rank (an all-reduce MAX; ``flag`` itself without a group).
+
+    Under torch.distributed every rank must take the same branch at a collective point (stop at
+    the same step, give up on the same error), or the others wait forever in the next all-reduce.
+
+    Example:
+        >>> any_rank(True), any_rank(False)
+        (True, False)
+    """
+    if rank_and_world()[1] == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def replica_digest(model: nn.Module) -> str:

@@ -3,25 +3,32 @@
 Two things happen to every eligible weight W while the network trains:
 
 * **Projection** (paper Eq. 1–3): every ``period`` optimizer steps, W is replaced *in place* by its
-  truncated SVD ``U_k S_k V_kᵀ`` in the scheme's matrix layout, k being the smallest rank with
-  Σ_{i≤k} σ_i² ≥ e·Σ σ_i². Between projections, plain SGD lets the weights move off the low-rank
-  set, which is what makes the method *trained* rank pruning rather than projected training.
-  Instead of a per-layer energy, ``speedup=s`` picks the ranks of all layers at once for a
-  whole-model MACs budget (the allocation of :func:`trp.speedup`), and ``freeze=t`` stops the
-  ranks from changing after step t, so that the rest of training adapts the network to them.
+  truncated SVD ``U_k S_k V_kᵀ`` in its scheme's matrix layout (:mod:`trp.schemes`), k being the
+  smallest rank with Σ_{i≤k} σ_i² ≥ e·Σ σ_i². Between projections, plain SGD lets the weights move
+  off the low-rank set, which is what makes the method *trained* rank pruning rather than projected
+  training. Instead of a per-layer energy, ``speedup=s`` picks the ranks of all layers at once for
+  a whole-model MACs budget (:func:`trp.rank.solve_budget`, as :func:`trp.speedup` does when
+  decomposing), and ``freeze=t`` stops the ranks from changing after step t, so that the rest of
+  training adapts the network to them.
 * **Nuclear-norm regularization** (paper Eq. 4–5): ‖W‖_* is not differentiable; its stochastic
-  sub-gradient ``U_k V_kᵀ`` from the latest SVD is added, times λ, to W's gradient after each
-  backward pass.
+  sub-gradient ``U_k V_kᵀ`` from the latest SVD is added, times λ, to W's gradient before each
+  optimizer step.
 
-Usage in a plain loop::
+Usage: attach it to the optimizer, and the plain loop stays as it was::
 
     reg = trp.TRP(model, scheme="channel", energy=0.9, period=20, nuclear=3e-4)
+    handle = reg.attach(opt)  # opt.step() now regularizes before and projects after
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(); loss.backward()
-        reg.regularize()      # λ·U_k V_kᵀ into .grad (after scaler.unscale_(opt) under AMP)
-        opt.step()
-        reg.step()            # every `period` steps: W ← truncated SVD, in place
+        opt.step()            # pre-hook: grad += λ·U_k V_kᵀ; post-hook: every `period` steps W ← U_k S_k V_kᵀ
+    handle.remove()
+
+Under AMP, ``scaler.step(opt)`` unscales the gradients before it calls ``opt.step()``, so the
+sub-gradient goes in at its true size, and a step the scaler skips (inf/NaN gradients) never reaches
+the hooks, so it does not count toward ``period``. Loops that do not step a
+``torch.optim.Optimizer`` call :meth:`TRP.regularize` after backward (after ``scaler.unscale_``)
+and :meth:`TRP.step` after each real optimizer step instead.
 
 Parameters are modified in place (``.data``), so their identity, and with it the optimizer's state
 (momentum), is preserved.
@@ -30,60 +37,55 @@ Parameters are modified in place (``.data``), so their identity, and with it the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from trp import schemes
 from trp import svd as svd_mod
 from trp.errors import TRPError
-from trp.rank import energy_rank
+from trp.plan import rank_costs
+from trp.rank import BudgetLayer, energy_rank, rank_one_speedup, solve_budget
+from trp.surgery import FilterFn, default_filter, unwrap
+from trp.validate import boolean, choice, number, whole
 
-if TYPE_CHECKING:
-    from trp.decompose import _Candidate
+__all__ = ["TRP", "Attachment", "Ramp", "ramp", "Schedule"]
 
-__all__ = ["TRP", "default_filter", "ramp", "unwrap"]
-
-EnergySchedule = Union[float, Callable[[int], float]]
-SpeedupSchedule = Union[float, Callable[[int], float]]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel / compiled wrapper.
-
-    Example:
-        >>> m = nn.Linear(2, 2)
-        >>> unwrap(m) is m
-        True
-    """
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
+#: A constant, or a schedule ``step -> value`` (a :class:`Ramp`, or any callable).
+Schedule = Union[float, Callable[[int], float]]
 
 
-def default_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
-    """The paper code's choice of layers: every Conv2d with groups=1 except the first; no Linear.
+@dataclass(frozen=True)
+class Ramp:
+    """A linear schedule from ``start`` to ``end`` over ``steps`` steps, then ``end`` for good.
 
-    The first conv sees only the image's few channels: its rank is tiny already and decomposing it
-    saves nothing. The classifier is left alone, as in the paper.
+    Being an object rather than a closure, it knows where it ends: TRP checks a speed-up target
+    against the model's reach once, at the start, from :attr:`end`.
 
     Example:
-        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(2))
-        >>> f = default_filter(m)
-        >>> [name for name, mod in m.named_modules() if f(mod, name)]
-        ['1']
+        >>> r = Ramp(2.0, 4)
+        >>> r(0), r(2), r(4), r.end
+        (1.0, 1.5, 2.0, 2.0)
     """
-    first = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
 
-    def filter_fn(module: nn.Module, name: str) -> bool:
-        return type(module) is nn.Conv2d and module.groups == 1 and name != first
+    end: float
+    steps: int
+    start: float = 1.0
 
-    return filter_fn
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end", number(self.end, "ramp end"))
+        object.__setattr__(self, "steps", whole(self.steps, "ramp length", low=0))
+        object.__setattr__(self, "start", number(self.start, "ramp start"))
+
+    def __call__(self, step: int) -> float:
+        if self.steps == 0 or step >= self.steps:
+            return self.end
+        return self.start + (self.end - self.start) * step / self.steps
 
 
-def ramp(end: float, steps: int, start: float = 1.0) -> Callable[[int], float]:
+def ramp(end: float, steps: int, start: float = 1.0) -> Ramp:
     """Energy or speed-up schedule: linear from ``start`` (1.0: dense) to ``end`` over ``steps`` steps.
 
     On short schedules a constant e = 0.9 projected every 20 steps costs accuracy before the
@@ -95,24 +97,82 @@ def ramp(end: float, steps: int, start: float = 1.0) -> Callable[[int], float]:
         >>> f(0), round(f(50), 3), f(100), f(1000)
         (1.0, 0.95, 0.9, 0.9)
     """
-    if steps < 0:
-        raise TRPError(f"ramp length must be >= 0, got {steps}")
+    return Ramp(end, steps, start)
 
-    def schedule(step: int) -> float:
-        if steps == 0 or step >= steps:
-            return end
-        return start + (end - start) * step / steps
 
-    return schedule
+def _schedule(value: Any, what: str, **bounds: Any) -> Schedule:
+    """A constant checked now; a schedule's ``end`` (if it states one) checked now, the rest at use."""
+    if callable(value):
+        end = getattr(value, "end", None)
+        if end is not None:
+            number(end, f"{what} at the end of its schedule", **bounds)
+        return value
+    return number(value, what, **bounds)
 
 
 @dataclass
 class _Layer:
     name: str
     weight: nn.Parameter
-    layout: str
+    scheme: schemes.Scheme
     subgradient: Tensor | None = None  # U_k V_kᵀ in the weight's shape
     rank: int | None = None
+    spectrum: Tensor | None = None  # at the latest SVD
+
+
+def _eligible(model: nn.Module, names: tuple[str, ...], filter_fn: FilterFn) -> list[_Layer]:
+    """Every layer ``filter_fn`` accepts, each with the first of ``names`` that handles it; a layer no
+    scheme can handle is an error, never skipped."""
+    layers = []
+    for name, module in model.named_modules():
+        if not filter_fn(module, name):
+            continue
+        scheme, why = schemes.applicable(module, names)
+        if scheme is None:
+            raise TRPError(f"layer {name!r} ({type(module).__name__}) accepted by filter_fn: {why}")
+        layers.append(_Layer(name, module.weight, scheme))
+    if not layers:
+        raise TRPError(f"TRP found no eligible layer: filter_fn accepted none (scheme {', '.join(map(repr, names))})")
+    return layers
+
+
+def _scheme_names(scheme: Any) -> tuple[str, ...]:
+    """A scheme name or a list of them (tried in order per layer; ``auto`` allowed), checked."""
+    names = tuple(scheme) if isinstance(scheme, (list, tuple)) else (scheme,)
+    if not names:
+        raise TRPError("TRP scheme must be a scheme name or a non-empty list of them")
+    for name in names:
+        if name != schemes.AUTO:
+            choice(name, "TRP scheme", schemes.names() + (schemes.AUTO,))
+    return names
+
+
+class Attachment:
+    """The handle :meth:`TRP.attach` returns: :meth:`remove` takes both optimizer hooks off.
+
+    Also a context manager: ``with reg.attach(opt): ...`` removes them on exit.
+    """
+
+    def __init__(self, reg: TRP, handles: Sequence[RemovableHandle]) -> None:
+        self._reg, self._handles = reg, list(handles)
+
+    @property
+    def attached(self) -> bool:
+        """True until :meth:`remove` is called."""
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove the step pre- and post-hooks; the manual calls are allowed again. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._reg._detached(self)
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
 
 
 class TRP:
@@ -120,170 +180,166 @@ class TRP:
 
     Args:
         model: Any ``nn.Module`` (a DDP or compiled wrapper is looked through).
-        scheme: Matrix layout: ``channel`` (N × C·kh·kw), ``spatial`` ((C·kh) × (N·kw)) or
-            ``decouple`` (per filter C × kh·kw).
+        scheme: A scheme of :data:`trp.schemes.SCHEMES`: ``channel`` (N × C·kh·kw), ``spatial``
+            ((C·kh) × (N·kw)), ``decouple`` (per filter C × kh·kw) or ``linear`` (Linear and HF
+            Conv1D weights); or several, tried in order per layer (``("spatial", "linear")``:
+            convs spatial, Linears linear); ``"auto"`` gives each layer its
+            :func:`trp.schemes.default_for` (``channel`` for convs, ``linear`` for Linears).
         energy: Energy e in (0, 1] kept by each projection, or a schedule ``step -> e``
             (see :func:`ramp`).
         period: Optimizer steps between projections (the paper's m).
         nuclear: λ of the nuclear-norm sub-gradient; 0 turns it off.
-        filter_fn: ``filter_fn(module, name) -> bool`` picks layers (default :func:`default_filter`).
+        filter_fn: ``filter_fn(module, name) -> bool`` picks layers (default
+            :func:`trp.surgery.default_filter`); every layer it accepts must suit a scheme of
+            ``scheme``.
         project: False gives the nuclear-norm-only method of the paper's ablation (the SVD is
             still taken every ``period`` steps to refresh the sub-gradient).
         speedup: Whole-model MACs speed-up s >= 1 (or a schedule ``step -> s``, see :func:`ramp`)
             that the ranks are chosen for, across all eligible layers at once, from the current
             singular values (as :func:`trp.speedup` does when decomposing); ``energy`` is then
-            not used. Layers outside ``filter_fn`` count at their dense cost.
+            not used. Layers outside ``filter_fn`` count at their dense cost. A constant or a
+            schedule with an ``end`` is checked against the model's reach at once; any other
+            schedule at each projection.
         freeze: After this many optimizer steps the ranks stop changing: later projections keep
             each layer at the rank it had, so the rest of training recovers at fixed ranks
             instead of losing a little more rank (and accuracy) at every projection.
         input_shape: One sample's shape, for the MACs accounting of ``speedup`` (default
-            :func:`trp.decompose.default_input_shape`).
+            :func:`trp.measure.default_input_shape`).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
-        >>> reg = TRP(model, energy=0.5, period=1, nuclear=1e-3)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> reg = TRP(model, energy=0.5, period=1, nuclear=1e-3)
+        >>> handle = reg.attach(opt)
         >>> model(torch.randn(2, 3, 8, 8)).sum().backward()
-        >>> reg.regularize(); opt.step(); reg.step()
-        >>> reg.ranks()["2"] < 8
-        True
+        >>> opt.step()  # the sub-gradient goes in before the update, the projection comes after it
+        >>> reg.steps, reg.ranks()["2"] < 8
+        (1, True)
+        >>> handle.remove()
     """
 
     def __init__(
         self,
         model: nn.Module,
-        scheme: str = "channel",
-        energy: EnergySchedule = 0.9,
+        scheme: str | Sequence[str] = "channel",
+        energy: Schedule = 0.9,
         period: int = 20,
         nuclear: float = 3e-4,
-        filter_fn: Callable[[nn.Module, str], bool] | None = None,
+        filter_fn: FilterFn | None = None,
         project: bool = True,
-        speedup: SpeedupSchedule | None = None,
+        speedup: Schedule | None = None,
         freeze: int | None = None,
         input_shape: Sequence[int] | None = None,
     ) -> None:
-        if scheme not in ("channel", "spatial", "decouple"):
-            raise TRPError(f"unknown TRP scheme {scheme!r}; choose one of: channel, spatial, decouple")
-        if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-            raise TRPError(f"period must be a whole number >= 1, got {period!r}")
-        nuclear = float(nuclear)
-        if not (nuclear >= 0.0 and nuclear != float("inf")):
-            raise TRPError(f"nuclear weight must be finite and >= 0, got {nuclear}")
-        if not callable(energy):
-            e = float(energy)
-            if not 0.0 < e <= 1.0:
-                raise TRPError(f"energy must be in (0, 1], got {energy}")
-        if speedup is not None and not callable(speedup):
-            s_ = float(speedup)
-            if not (s_ >= 1.0 and s_ != float("inf")):
-                raise TRPError(f"speedup must be a finite number >= 1, got {speedup}")
-        if freeze is not None and (isinstance(freeze, bool) or not isinstance(freeze, int) or freeze < 0):
-            raise TRPError(f"freeze must be a whole number of steps >= 0, got {freeze!r}")
+        names = _scheme_names(scheme)
+        self.scheme: str | tuple[str, ...] = names[0] if len(names) == 1 else names
+        self.energy = _schedule(energy, "energy", low=0.0, high=1.0, low_open=True)
+        self.period = whole(period, "period", low=1)
+        self.nuclear = number(nuclear, "nuclear weight", low=0.0)
+        self.project = boolean(project, "project")
+        self.speedup = None if speedup is None else _schedule(speedup, "speedup", low=1.0)
+        self.freeze = None if freeze is None else whole(freeze, "freeze", low=0)
+        if filter_fn is not None and not callable(filter_fn):
+            raise TRPError(f"filter_fn must be a function (module, name) -> bool, got {filter_fn!r}")
         self.model = unwrap(model)
-        self.scheme, self.energy, self.period, self.nuclear, self.project = scheme, energy, period, nuclear, project
-        self.speedup, self.freeze = speedup, freeze
-        filter_fn = filter_fn or default_filter(self.model)
-        self.layers = [
-            _Layer(name, m.weight, scheme)
-            for name, m in self.model.named_modules()
-            if filter_fn(m, name) and type(m) is nn.Conv2d and m.groups == 1
-        ]
-        if not self.layers:
-            raise TRPError("TRP found no eligible layer (Conv2d with groups=1 accepted by filter_fn)")
+        self.layers = _eligible(self.model, names, filter_fn or default_filter(self.model))
         self.steps = 0
         self.history: list[tuple[int, dict[str, int]]] = []
-        self._budget: dict[str, _Candidate] = {}
+        self._attached: Attachment | None = None
         self._macs_total = 0
-        if speedup is not None:
-            self._setup_budget(filter_fn, input_shape)
+        self._costs: dict[str, tuple[int, int]] = {}  # name -> (MACs per unit of rank, dense MACs)
+        if self.speedup is not None:
+            # Costs come from tracing shapes only; the spectra come from each projection's own SVD.
+            chosen = {layer.name for layer in self.layers}
+            self._macs_total, self._costs = rank_costs(self.model, names, lambda m, n: n in chosen, input_shape)
         # The sub-gradient is needed from the first step on, before any projection.
         self._svd(project=False)
+        self._check_reach()
 
-    def _setup_budget(self, filter_fn: Callable[[nn.Module, str], bool], input_shape: Sequence[int] | None) -> None:
-        # MACs per unit of rank of every eligible layer, from a rank-1 plan of the same layers; the
-        # solver then only needs the spectra at each projection.
-        from trp.decompose import _Candidate, plan
-        from trp.rank import fixed
+    # ------------------------------------------------------------------------------ rank choice
 
-        names = {layer.name for layer in self.layers}
-        p = plan(self.model, self.scheme, fixed(1), lambda m, n: n in names, input_shape)
-        self._macs_total = p.macs_before
-        self._budget = {lp.name: _Candidate(lp, None, None, None, torch.empty(0), lp.macs_after)  # type: ignore[arg-type]
-                        for lp in p.layers if lp.name in names and lp.scheme is not None}
-        final = self.speedup(10**12) if callable(self.speedup) else self.speedup
-        best = self._macs_total - sum(c.lp.macs_before - c.cost for c in self._budget.values() if c.cost < c.lp.macs_before)
-        if self._macs_total / max(best, 1) < float(final) / 1.02:
-            raise TRPError(f"speedup {float(final):g}x is out of reach: with every eligible layer at rank 1 the model "
-                           f"runs {self._macs_total / max(best, 1):.2f}x fewer MACs")
+    def _budget_layers(self) -> list[BudgetLayer]:
+        spectra = {layer.name: layer.spectrum for layer in self.layers if layer.spectrum is not None}
+        return [BudgetLayer(name, spectra[name], cost, dense) for name, (cost, dense) in self._costs.items()]
+
+    def _check_reach(self) -> None:
+        # A constant target, or a schedule that states where it ends, is checked once, now, rather
+        # than by evaluating the schedule at some far-off step; other schedules meet the same check
+        # in the budget solver at each projection.
+        final = self.speedup if not callable(self.speedup) else getattr(self.speedup, "end", None)
+        if final is None:
+            return
+        best = rank_one_speedup(self._budget_layers(), self._macs_total)
+        if best < float(final) / 1.02:  # the solver's own 2 % tolerance
+            raise TRPError(f"speedup {float(final):g}x is out of reach: with every eligible layer at rank 1 the "
+                           f"model runs {best:.2f}x fewer MACs")
 
     def current_speedup(self) -> float | None:
         """The MACs speed-up the next projection's ranks are chosen for (None: per-layer energy)."""
         if self.speedup is None:
             return None
-        s = float(self.speedup(self.steps)) if callable(self.speedup) else float(self.speedup)
-        if not (s >= 1.0 and s != float("inf")):
-            raise TRPError(f"speedup schedule gave {s} at step {self.steps}; it must be finite and >= 1")
-        return s
+        s = self.speedup(self.steps) if callable(self.speedup) else self.speedup
+        return number(s, f"speedup schedule at step {self.steps}", low=1.0)
+
+    def current_energy(self) -> float:
+        """The energy the next projection keeps (follows the schedule)."""
+        e = self.energy(self.steps) if callable(self.energy) else self.energy
+        return number(e, f"energy schedule at step {self.steps}", low=0.0, high=1.0, low_open=True)
 
     def frozen(self) -> bool:
         """True once the ranks no longer change (``freeze`` steps have passed and ranks are set)."""
         return self.freeze is not None and self.steps > self.freeze and all(layer.rank for layer in self.layers)
 
-    def _choose_ranks(self, spectra: dict[str, Tensor]) -> dict[str, int]:
+    def _choose_ranks(self) -> dict[str, int]:
         if self.frozen():
-            return {layer.name: int(layer.rank) for layer in self.layers}  # type: ignore[arg-type]
+            return self.ranks()
+        spectra = {layer.name: layer.spectrum for layer in self.layers if layer.spectrum is not None}
         s = self.current_speedup()
         if s is None:
             e = self.current_energy()
             return {name: energy_rank(spec, e) for name, spec in spectra.items()}
-        from trp.decompose import _solve_speedup
-
-        cands = []
-        for name, c in self._budget.items():
-            c.spectrum = spectra[name]
-            cands.append(c)
-        chosen = _solve_speedup(cands, self._macs_total, s) if s > 1.0 else {}
+        chosen = solve_budget(self._budget_layers(), self._macs_total, s) if s > 1.0 else {}
         # A layer the budget leaves dense (or that no forward pass reaches) keeps its full rank.
         return {name: chosen.get(name) or int(spec.numel()) for name, spec in spectra.items()}
 
-    def current_energy(self) -> float:
-        """The energy the next projection keeps (follows the schedule)."""
-        e = float(self.energy(self.steps)) if callable(self.energy) else float(self.energy)
-        if not 0.0 < e <= 1.0:
-            raise TRPError(f"energy schedule gave {e} at step {self.steps}; it must stay in (0, 1]")
-        return e
+    # ------------------------------------------------------------------------------ SVD
+
+    def _factorize(self) -> list[tuple[list[_Layer], Tensor, Tensor, Tensor]]:
+        # Layers sharing a scheme and a matrix shape go through one batched SVD: far fewer LAPACK calls.
+        groups: dict[tuple, list[tuple[_Layer, Tensor]]] = {}
+        for layer in self.layers:
+            mat = layer.scheme.to_matrix(layer.weight.detach())
+            key = (layer.scheme.name, tuple(mat.shape), mat.device, mat.dtype)
+            groups.setdefault(key, []).append((layer, mat))
+        factors = []
+        for members in groups.values():
+            layers = [layer for layer, _ in members]
+            try:
+                u, s, vh = svd_mod.svd(torch.stack([mat for _, mat in members]), name=layers[0].name)
+            except TRPError:  # find and name the failing layer
+                for layer, mat in members:
+                    svd_mod.svd(mat, name=layer.name)
+                raise
+            factors.append((layers, u, s, vh))
+        return factors
 
     @torch.no_grad()
     def _svd(self, project: bool) -> None:
-        # Layers sharing a matrix shape go through one batched SVD: far fewer LAPACK calls.
-        groups: dict[tuple, list[_Layer]] = {}
-        for layer in self.layers:
-            shape = tuple(svd_mod.to_matrix(layer.weight, layer.layout).shape)
-            groups.setdefault((shape, layer.weight.device), []).append(layer)
-        factors = []
-        for members in groups.values():
-            mats = torch.stack([svd_mod.to_matrix(layer.weight.detach(), layer.layout) for layer in members])
-            try:
-                u, s, vh = svd_mod.svd(mats, name=members[0].name)
-            except TRPError:  # find and name the failing layer
-                for layer in members:
-                    svd_mod.svd(svd_mod.to_matrix(layer.weight.detach(), layer.layout), name=layer.name)
-                raise
-            factors.append((members, u, s, vh))
-        # All spectra first: a MACs budget shares rank across layers.
-        ranks = self._choose_ranks({layer.name: svd_mod.spectrum(s[i])
-                                    for members, _, s, _ in factors for i, layer in enumerate(members)})
-        for members, u, s, vh in factors:
-            for i, layer in enumerate(members):
+        factors = self._factorize()
+        for layers, _, s, _ in factors:  # all spectra first: a MACs budget shares rank across layers
+            for i, layer in enumerate(layers):
+                layer.spectrum = svd_mod.spectrum(s[i])
+        ranks = self._choose_ranks()
+        for layers, u, s, vh in factors:
+            for i, layer in enumerate(layers):
                 k = min(ranks[layer.name], s.shape[-1])
                 layer.rank = k
-                shape = layer.weight.shape
-                if self.nuclear > 0:
+                scheme, shape = layer.scheme, layer.weight.shape
+                if self.nuclear > 0:  # U_k V_kᵀ (Eq. 5), back in the scheme's layout
                     g = svd_mod.nuclear_subgradient(u[i], vh[i], k)
-                    layer.subgradient = svd_mod.from_matrix(g, layer.layout, shape).to(layer.weight.dtype)
-                if project:
-                    low = svd_mod.truncate(u[i], s[i], vh[i], k)
-                    layer.weight.copy_(svd_mod.from_matrix(low, layer.layout, shape))
+                    layer.subgradient = scheme.from_matrix(g, shape).to(layer.weight.dtype)
+                if project:  # Eckart–Young: the best rank-k approximation (Eq. 1–3)
+                    layer.weight.copy_(scheme.from_matrix(svd_mod.truncate(u[i], s[i], vh[i], k), shape))
         self._sync()
         self.history.append((self.steps, self.ranks()))
 
@@ -302,25 +358,92 @@ class TRP:
         for layer, k in zip(self.layers, ranks.tolist()):
             layer.rank = int(k)
 
+    # ------------------------------------------------------------------------------ the training loop
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Attachment:
+        """Register step hooks on ``optimizer``: before each step λ·U_k V_kᵀ goes into the gradients,
+        after it the step is counted and every ``period`` steps the weights are projected.
+
+        A step that AMP's ``GradScaler`` skips never calls ``optimizer.step()``, so it is not counted;
+        a fused optimizer that skips inside its kernel (``found_inf``) is not counted either. While
+        attached, calling :meth:`regularize` or :meth:`step` by hand is an error (it would count
+        twice).
+
+        Example:
+            >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> with TRP(model, period=1).attach(opt) as handle:
+            ...     handle.attached
+            True
+        """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TRPError(f"attach needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if self._attached is not None:
+            raise TRPError("TRP is already attached to an optimizer; remove() that handle first")
+        updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [layer.name for layer in self.layers if id(layer.weight) not in updated]
+        if missing:
+            raise TRPError(f"the optimizer does not update the weight of layer {missing[0]!r}, so TRP's "
+                           "sub-gradient would never reach it; attach to the optimizer of the whole model")
+        handles = [optimizer.register_step_pre_hook(self._pre_step), optimizer.register_step_post_hook(self._post_step)]
+        self._attached = Attachment(self, handles)
+        return self._attached
+
+    def _detached(self, handle: Attachment) -> None:
+        # Called by Attachment.remove: forget the handle if it is the current attachment.
+        if self._attached is handle:
+            self._attached = None
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        # GradScaler.step unscales before calling optimizer.step, so the gradients here are true ones.
+        # An optimizer that unscales inside its fused kernel instead is handed the scale as
+        # `grad_scale`: the sub-gradient is scaled alike, so that it comes out at λ after unscaling.
+        scale = getattr(optimizer, "grad_scale", None)
+        self._add_subgradient(scale if isinstance(scale, Tensor) else None)
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, Tensor) and bool(found_inf.sum() > 0):
+            return  # a fused optimizer skipped this step itself (inf/NaN gradients under AMP)
+        self._count_step()
+
+    def _manual(self, what: str) -> None:
+        if self._attached is not None:
+            raise TRPError(f"TRP is attached to an optimizer, which calls {what}() itself; do not call it "
+                           "by hand too (or remove() the attachment first)")
+
     @torch.no_grad()
-    def regularize(self) -> None:
-        """Add λ·U_k V_kᵀ to each eligible weight's gradient (call after backward, before the step)."""
+    def _add_subgradient(self, scale: Tensor | None) -> None:
         if self.nuclear == 0:
             return
         for layer in self.layers:
             g = layer.subgradient
             if g is None:
                 continue
+            if scale is not None:
+                g = g * scale.to(g.device, g.dtype)
             if layer.weight.grad is None:
                 layer.weight.grad = self.nuclear * g
             else:
                 layer.weight.grad.add_(g, alpha=self.nuclear)
 
-    def step(self) -> None:
-        """Count one optimizer step; every ``period`` steps project (or refresh the sub-gradient)."""
+    def regularize(self) -> None:
+        """Add λ·U_k V_kᵀ to each eligible weight's gradient, for loops without :meth:`attach`:
+        call after backward (and after ``scaler.unscale_(opt)`` under AMP), before the step."""
+        self._manual("regularize")
+        self._add_subgradient(None)
+
+    def _count_step(self) -> None:
         self.steps += 1
         if self.steps % self.period == 0:
             self._svd(project=self.project)
+
+    def step(self) -> None:
+        """Count one optimizer step, for loops without :meth:`attach` (call it only for steps that
+        really happened: not for one AMP skipped); every ``period`` steps project (or refresh the
+        sub-gradient)."""
+        self._manual("step")
+        self._count_step()
 
     def project_now(self) -> None:
         """Project every eligible weight onto its truncated SVD now (e.g. after the last step).
@@ -329,6 +452,8 @@ class TRP:
         decomposing it afterwards loses nothing.
         """
         self._svd(project=True)
+
+    # ------------------------------------------------------------------------------ state
 
     def ranks(self) -> dict[str, int]:
         """Each layer's rank at the latest SVD."""

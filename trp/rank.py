@@ -2,19 +2,21 @@
 
 Each criterion is a small frozen dataclass validated in ``__post_init__``. Per-layer criteria
 (:func:`energy`, :func:`value`, :func:`fixed`, :func:`fraction`) map one spectrum to a rank;
-:func:`speedup` is a whole-model budget that :mod:`trp.decompose` solves across all layers at once.
+:func:`speedup` is a whole-model budget solved across all layers at once (:func:`solve_budget`, on plain
+:class:`BudgetLayer` records, so planning and TRP's training target share one solver).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from trp.errors import TRPError
+from trp.validate import number, whole
 
 __all__ = [
     "Energy",
@@ -31,17 +33,12 @@ __all__ = [
     "parse",
     "energy_rank",
     "kept_energy",
+    "resolve",
+    "RankArg",
+    "BudgetLayer",
+    "solve_budget",
+    "rank_one_speedup",
 ]
-
-
-def _finite(x: float, what: str) -> float:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        raise TRPError(f"{what} must be a number, got {x!r}") from None
-    if not math.isfinite(x):
-        raise TRPError(f"{what} must be finite, got {x}")
-    return x
 
 
 def energy_rank(s: Tensor, e: float) -> int:
@@ -80,9 +77,7 @@ class Energy:
     e: float
 
     def __post_init__(self) -> None:
-        e = _finite(self.e, "energy")
-        if not 0.0 < e <= 1.0:
-            raise TRPError(f"energy must be in (0, 1], got {e}")
+        e = number(self.e, "energy", low=0.0, high=1.0, low_open=True)
         object.__setattr__(self, "e", e)
 
     def select(self, s: Tensor) -> int:
@@ -99,9 +94,7 @@ class Value:
     t: float
 
     def __post_init__(self) -> None:
-        t = _finite(self.t, "singular-value threshold")
-        if t < 0.0:
-            raise TRPError(f"singular-value threshold must be >= 0, got {t}")
+        t = number(self.t, "singular-value threshold", low=0.0)
         object.__setattr__(self, "t", t)
 
     def select(self, s: Tensor) -> int:
@@ -118,10 +111,7 @@ class Fixed:
     k: int
 
     def __post_init__(self) -> None:
-        k = _finite(self.k, "rank")
-        if k < 1 or k != int(k):
-            raise TRPError(f"rank must be a whole number >= 1, got {self.k}")
-        object.__setattr__(self, "k", int(k))
+        object.__setattr__(self, "k", whole(self.k, "rank", low=1))
 
     def select(self, s: Tensor) -> int:
         return min(self.k, s.numel())
@@ -137,9 +127,7 @@ class Fraction:
     p: float
 
     def __post_init__(self) -> None:
-        p = _finite(self.p, "rank fraction")
-        if not 0.0 < p <= 1.0:
-            raise TRPError(f"rank fraction must be in (0, 1], got {p}")
+        p = number(self.p, "rank fraction", low=0.0, high=1.0, low_open=True)
         object.__setattr__(self, "p", p)
 
     def select(self, s: Tensor) -> int:
@@ -156,13 +144,16 @@ class Speedup:
     s: float
 
     def __post_init__(self) -> None:
-        s = _finite(self.s, "speed-up")
-        if s < 1.0:
-            raise TRPError(f"speed-up must be >= 1, got {s}")
+        s = number(self.s, "speed-up", low=1.0)
         object.__setattr__(self, "s", s)
 
     def __str__(self) -> str:
         return f"speedup:{self.s:g}"
+
+    def solve(self, layers: Sequence[Any], total: float) -> dict[str, int | None]:
+        """Ranks for this budget over layers with ``name``, ``spectrum``, ``cost`` (MACs per rank) and
+        ``dense`` (MACs) attributes, the whole model costing ``total`` MACs (see :func:`solve_budget`)."""
+        return solve_budget([BudgetLayer(c.name, c.spectrum, c.cost, c.dense) for c in layers], total, self.s)
 
 
 Criterion = Union[Energy, Value, Fixed, Fraction, Speedup]
@@ -236,3 +227,126 @@ def parse(text: str) -> Criterion:
     except ValueError:
         raise TRPError(f"rank {text!r}: {num!r} is not a number") from None
     return _PARSERS[name](number)
+
+
+RankArg = Union[Criterion, int, Mapping[str, int], None]
+_RANK_HELP = "rank must be an int, a {layer: rank} dict or a criterion such as trp.energy(0.9)"
+
+
+def resolve(rank: RankArg, default: Criterion | None = None) -> Criterion | dict[str, int]:
+    """Normalize a rank argument: None → ``default`` (``energy(0.9)``), an int → :func:`fixed`, a
+    ``{layer: rank}`` dict checked entry by entry, a criterion as it is. The one place where the
+    library, SVD training and the command line turn "a rank" into something that selects.
+
+    Example:
+        >>> resolve(4), resolve(None), resolve({"conv": 2})
+        (Fixed(k=4), Energy(e=0.9), {'conv': 2})
+    """
+    if rank is None:
+        return default if default is not None else Energy(0.9)
+    if isinstance(rank, (Energy, Value, Fixed, Fraction, Speedup)):
+        return rank
+    if isinstance(rank, bool):
+        raise TRPError(f"{_RANK_HELP}, got {rank!r}")
+    if isinstance(rank, int):
+        return Fixed(rank)
+    if isinstance(rank, Mapping):
+        return {str(name): whole(k, f"rank of layer {name!r}", low=1) for name, k in rank.items()}
+    raise TRPError(f"{_RANK_HELP}, got {rank!r}")
+
+
+@dataclass(frozen=True)
+class BudgetLayer:
+    """One layer as the budget solver sees it: plain numbers, no module.
+
+    ``cost`` is what one unit of rank costs (MACs, or milliseconds for a latency budget) and
+    ``dense`` what the layer costs undecomposed, in the same unit.
+    """
+
+    name: str
+    spectrum: Tensor
+    cost: float
+    dense: float
+
+
+def rank_one_speedup(layers: Sequence[BudgetLayer], total: float) -> float:
+    """The largest speed-up the layers can give: every one at rank 1, or dense where that is cheaper.
+
+    Example:
+        >>> round(rank_one_speedup([BudgetLayer("a", torch.ones(4), 10, 100)], 200), 2)
+        1.82
+    """
+    best = total - sum(lay.dense - lay.cost for lay in layers if lay.cost < lay.dense)
+    return total / max(best, 1e-12)
+
+
+def solve_budget(layers: Sequence[BudgetLayer], total: float, target: float) -> dict[str, int | None]:
+    """Ranks for a whole-model budget (``total / target``), from the singular values alone.
+
+    Each layer's j-th singular value buys a share σ_j²/Σσ² of that layer's energy for ``cost``;
+    a single threshold λ on energy per unit of cost keeps, in every layer, the values above it, so
+    rank goes where it keeps the most energy per MAC (or per millisecond). A layer whose low-rank
+    form would cost at least its dense form stays dense (None). The total is monotone in λ, so a
+    binary search over the sorted gains finds the smallest budget-meeting threshold; one rank of
+    one layer is the step size.
+
+    Args:
+        layers: The decomposable layers.
+        total: The whole model's cost, the layers not listed included (at their dense cost).
+        target: The speed-up s >= 1 to reach.
+
+    Example:
+        >>> lay = [BudgetLayer("a", torch.tensor([4.0, 2.0, 1.0, 0.5]), 20, 100),
+        ...        BudgetLayer("b", torch.tensor([1.0, 1.0, 1.0, 1.0]), 20, 100)]
+        >>> solve_budget(lay, 200, 2.0)  # "a" keeps 76 % of its energy in one rank; "b" needs all four
+        {'a': 1, 'b': 4}
+    """
+    budget = total / target
+    fixed_cost = total - sum(lay.dense for lay in layers)
+    gains = []
+    for lay in layers:
+        power = lay.spectrum.detach().double().pow(2)
+        share = power / power.sum() if float(power.sum()) > 0 else torch.zeros_like(power)
+        gains.append(share / lay.cost)
+
+    def ranks_at(lam: float) -> tuple[dict[str, int | None], float]:
+        out: dict[str, int | None] = {}
+        cost = fixed_cost
+        for lay, g in zip(layers, gains):
+            k = max(1, int((g >= lam).sum()))
+            if k * lay.cost >= lay.dense:
+                out[lay.name], cost = None, cost + lay.dense
+            else:
+                out[lay.name], cost = k, cost + k * lay.cost
+        return out, cost
+
+    lams = torch.unique(torch.cat(gains)).flip(0).tolist() if gains else []  # descending
+    best, best_cost = ranks_at(math.inf)
+    if best_cost > budget * 1.02:
+        raise TRPError(
+            f"speed-up {target:g}x is out of reach: with every decomposable layer at rank 1 the model runs "
+            f"{total / best_cost:.2f}x fewer MACs"
+        )
+    lo, hi = 0, len(lams) - 1  # find the last λ (most rank) whose total stays within budget
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ranks, cost = ranks_at(lams[mid])
+        if cost <= budget:
+            best, best_cost, lo = ranks, cost, mid + 1
+        else:
+            hi = mid - 1
+    # A dense switch can make the next threshold jump by up to a layer's whole cost; fill what is
+    # left of the budget one rank at a time, best energy per unit of cost first, taking a last step
+    # past the budget only when that lands closer to it (coarse steps, as in ``decouple``, need that).
+    cost = best_cost
+    while True:
+        options = [
+            (float(g[k]), lay, k)
+            for lay, g in zip(layers, gains)
+            if (k := best[lay.name]) is not None and k < g.numel()
+            and cost + lay.cost - budget < budget - cost and (k + 1) * lay.cost < lay.dense
+        ]
+        if not options:
+            return best
+        _, lay, k = max(options, key=lambda o: o[0])
+        best[lay.name], cost = k + 1, cost + lay.cost

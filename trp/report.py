@@ -10,18 +10,22 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from trp import checkpoint as ckpt
-from trp import decompose as dec
 from trp import rank as rank_mod
-from trp import svd as svd_mod
+from trp import schemes
 from trp.errors import TRPError
+from trp.plan import Plan
+from trp.structure import ModelSpec, load_model, save_model
 
 __all__ = ["layer_spectra", "write_report"]
 
 
-def layer_spectra(model: nn.Module, layout: str, plan: dec.Plan | None = None) -> dict[str, Tensor]:
-    """Singular-value spectrum of every Conv2d (groups=1) and decomposed layer, in one layout.
+def layer_spectra(model: nn.Module, layout: str, plan: Plan | None = None) -> dict[str, Tensor]:
+    """Singular-value spectrum of every Conv2d (groups=1), SVD-trained and decomposed layer, in one layout.
+
+    A decomposed layer is composed back into its dense weight by its own scheme; a 2-D weight is
+    read in the ``linear`` layout whatever ``layout`` says.
 
     Example:
         >>> spectra = layer_spectra(nn.Sequential(nn.Conv2d(3, 4, 3)), "channel")
@@ -34,19 +38,15 @@ def layer_spectra(model: nn.Module, layout: str, plan: dec.Plan | None = None) -
         if any(name.startswith(p + ".") for p in planned):  # the halves of a decomposed layer
             continue
         if name in planned:
-            weight = dec.compose(module, planned[name])
-            lay = "linear" if planned[name] == "linear" else layout
-        elif type(module) is nn.Conv2d and module.groups == 1:
-            weight, lay = module.weight.detach(), layout
-        elif hasattr(module, "dense_weight") and callable(module.dense_weight):  # SVD-training layers
-            weight = module.dense_weight().detach()
-            lay = layout if weight.dim() == 4 else "linear"
+            weight = schemes.get(planned[name]).compose(module)
+        elif isinstance(module, nn.Conv2d) and module.groups == 1:
+            weight = module.weight.detach()  # a parametrized (SVD-trained) conv composes its weight here
+        elif isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
+            weight = module.weight.detach()
         else:
             continue
-        if weight.dim() == 2:
-            lay = "linear"
-        _, s, _ = svd_mod.svd(svd_mod.to_matrix(weight.float().cpu(), lay), name)
-        out[name] = svd_mod.spectrum(s)
+        sch = schemes.get("linear" if weight.dim() == 2 else layout)
+        out[name] = sch.singular_values(weight.float().cpu(), name)
     return out
 
 
@@ -66,7 +66,7 @@ def write_report(path: str | Path, out: str | Path | None = None, scheme: str | 
         >>> import tempfile
         >>> from trp.models import create
         >>> d = tempfile.mkdtemp()
-        >>> ckpt.save_model(d + "/model.safetensors", create("resnet20"), ckpt.ModelSpec("resnet20", 10, 3, [3, 32, 32]))
+        >>> save_model(d + "/model.safetensors", create("resnet20"), ModelSpec("resnet20", 10, 3, [3, 32, 32]))
         >>> "layer1.0.conv1" in write_report(d)
         True
     """
@@ -78,11 +78,13 @@ def write_report(path: str | Path, out: str | Path | None = None, scheme: str | 
     except ImportError:
         raise TRPError("trp report needs matplotlib: pip install matplotlib") from None
     path = Path(path)
-    model, spec, meta = ckpt.load_model(path)
-    plan = dec.Plan.from_dict(spec.plan) if spec.plan else None
+    model, spec, meta = load_model(path)
+    decomposed = spec.find("decompose")
+    plan = Plan.from_dict(decomposed["plan"]) if decomposed else None
     layout = scheme or meta.get("config", {}).get("scheme") or "channel"
-    if layout not in ("channel", "spatial", "decouple"):
-        raise TRPError(f"unknown scheme {layout!r}; choose one of: channel, spatial, decouple")
+    conv_schemes = schemes.names_for(nn.Conv2d(1, 1, 3))
+    if layout not in conv_schemes:
+        raise TRPError(f"unknown scheme {layout!r}; choose one of: {', '.join(conv_schemes)}")
     spectra = layer_spectra(model, layout, plan)
     if not spectra:
         raise TRPError(f"{path} has no Conv2d or decomposed layer to report on")

@@ -1,0 +1,603 @@
+"""A latency model of the deployment target, and ``trp.latency(s)``: a whole-model budget in time.
+
+MACs are a poor proxy for time: two small kernels can be slower than one large one, and kernels
+pad channel counts to their vector width. So every decomposable layer is *timed* alone, dense and
+decomposed at a :func:`ladder` of ranks, at its traced input shape, on the :class:`Target` the
+model will run on (batch size, runtime and memory format of :mod:`trp.runtimes`, threads, dtype).
+Between measured ranks time is interpolated piecewise linearly (:meth:`LayerLatency.at`), and the
+whole model's time at any ranks is predicted from one measurement of the dense model
+(:meth:`LatencyTable.predict`): T = T_dense − Σ_l dense_l + Σ_l t_l(k_l) over decomposed layers.
+
+Times are cached as JSON, one file per :func:`machine_key` (CPU model, cores, torch, runtime and
+its version, threads, batch size, dtype, memory format) in :func:`cache_dir`, so a second
+compression on the same machine times nothing. :class:`Latency` (``trp.latency(s)``) spends the
+budget T_dense / s where it keeps the most singular-value energy per measured millisecond
+(:func:`solve_time`), on rank multiples the kernels prefer (:func:`preferred_multiple`).
+
+Example:
+    >>> import tempfile
+    >>> model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    >>> def fake(module, shape, batch):  # scripted: a dense layer 1 ms, rank k 0.2 + k/100 ms, the model 3 ms
+    ...     if isinstance(module, nn.Conv2d):
+    ...         return 1.0
+    ...     return 0.2 + module[0].out_channels / 100 if len(module) == 2 else 3.0
+    >>> t = latency_model(model, "channel", None, (8, 16, 16), Target(cache_dir=tempfile.mkdtemp(), timer=fake))
+    >>> t.layers["2"].at(8), t.multiple, round(t.predict({"0": None, "2": 8}), 3)
+    (0.28, 1, 2.28)
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+import os
+import platform
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from trp import rank as rank_mod
+from trp import runtimes, schemes
+from trp.errors import TRPError
+from trp.io import atomic_write_text
+from trp.measure import layer_macs, sample_shape, trace_calls
+from trp.surgery import FilterFn
+from trp.validate import number, whole
+
+__all__ = ["FORMAT", "MULTIPLES", "STEP_TOLERANCE", "Timer", "Target", "Layer", "LayerLatency", "LatencyTable",
+           "Allocation", "Latency", "latency", "cache_dir", "machine_key", "ladder", "max_rank", "trace_layers",
+           "time_module", "preferred_multiple", "measure_layers", "model_time", "latency_model", "solve_time"]
+
+FORMAT = "trp-latency/1"
+#: Rank multiples a latency budget can round to.
+MULTIPLES = (1, 4, 8, 16, 32)
+#: Relative time within which ranks b+1 … b+m count as one step of the kernels.
+STEP_TOLERANCE = 0.03
+# As in trp.rank.solve_budget: a fastest allocation this close above the budget is accepted.
+SLACK = 0.02
+
+#: ``timer(module, input_shape, batch_size) -> ms``: how one layer or model is timed.
+Timer = Callable[[nn.Module, Sequence[int], int], float]
+Option = tuple[float, float, Any]  # one choice of a layer: (ms, energy kept, rank; None = dense)
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """``path``, else ``$TRP_CACHE_DIR/latency``, else ``$XDG_CACHE_HOME/trp/latency`` (``~/.cache/trp/latency``).
+
+    Example:
+        >>> str(cache_dir("/tmp/x"))
+        '/tmp/x'
+    """
+    if path is not None:
+        return Path(path)
+    if os.environ.get("TRP_CACHE_DIR"):
+        return Path(os.environ["TRP_CACHE_DIR"]) / "latency"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trp" / "latency"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_key(runtime: str, threads: int, batch_size: int, dtype: torch.dtype = torch.float32,
+                device: str = "cpu") -> dict[str, Any]:
+    """Everything a layer's time depends on besides the layer: the cache's key.
+
+    Example:
+        >>> k = machine_key("channels_last", 2, 128)
+        >>> k["memory_format"], k["threads"], k["dtype"], sorted(k)[:3]
+        ('channels_last', 2, 'float32', ['batch_size', 'cores', 'cpu'])
+    """
+    rt = runtimes.get(runtime)
+    return {"cpu": _cpu_model(), "cores": os.cpu_count() or 0, "torch": torch.__version__, "runtime": rt.name,
+            "runtime_version": rt.version(), "threads": int(threads), "batch_size": int(batch_size),
+            "dtype": str(dtype).replace("torch.", ""), "memory_format": rt.memory_format, "device": str(device)}
+
+
+def ladder(top: int) -> list[int]:
+    """Ranks timed for a layer whose decomposed MACs stay below dense up to rank ``top``: powers of
+    two, multiples of a step (8, doubled until at most 16 fit), ``top``, and the probes b+1, b+4,
+    b+8, b+16, b+32 (b = 32 when ``top`` >= 64, else 0) that :func:`preferred_multiple` reads.
+
+    Example:
+        >>> ladder(57), ladder(3)
+        ([1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 57], [1, 2, 3])
+    """
+    if top < 1:
+        return []
+    step = 8
+    while top / step > 16:
+        step *= 2
+    points = {1 << i for i in range(top.bit_length())} | set(range(step, top + 1, step)) | {top}
+    points |= {_probe_base(top) + d for d in (1, 4, 8, 16, 32)}
+    return sorted(p for p in points if p <= top)
+
+
+def _probe_base(top: int) -> int:
+    return 32 if top >= 64 else 0
+
+
+@dataclass
+class Layer:
+    """A decomposable layer as the latency model sees it (a :class:`trp.plan.Candidate` fits too)."""
+
+    name: str
+    module: nn.Module
+    scheme: schemes.Scheme
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]]  # (input, output) shape of every call
+    cost: int  # MACs per unit of rank over all calls
+    dense: int  # dense MACs over all calls
+    spectrum: Tensor | None = None
+
+
+def max_rank(layer: Any) -> int:
+    """The largest rank whose decomposed MACs stay below the dense layer's (at most full rank).
+
+    Example:
+        >>> max_rank(trace_layers(nn.Sequential(nn.Conv2d(64, 64, 3)), "channel", input_shape=(64, 8, 8))[0])
+        57
+    """
+    if layer.cost <= 0:
+        return 0
+    return max(0, min(layer.scheme.full_rank(layer.module), math.ceil(layer.dense / layer.cost) - 1))
+
+
+def trace_layers(model: nn.Module, scheme: str | Sequence[str] = "channel", filter_fn: FilterFn | None = None,
+                 input_shape: Sequence[int] | None = None) -> list[Layer]:
+    """The model's decomposable layers with their calls and MACs (shapes traced once, no SVD).
+
+    Example:
+        >>> [lay.name for lay in trace_layers(nn.Sequential(nn.Conv2d(3, 4, 3)), input_shape=(3, 4, 4))]
+        ['0']
+    """
+    names = [scheme] if isinstance(scheme, str) else list(scheme)
+    modules = dict(model.named_modules())
+    found = []
+    for name, shapes in trace_calls(model, sample_shape(model, input_shape)).items():
+        module = modules[name]
+        sch = schemes.applicable(module, names)[0] if filter_fn is None or filter_fn(module, name) else None
+        if sch is not None:
+            found.append(Layer(name, module, sch, list(shapes), sum(sch.macs_per_rank(module, i, o) for i, o in shapes),
+                               sum(layer_macs(module, i, o) for i, o in shapes)))
+    return found
+
+
+def time_module(module: nn.Module, input_shape: Sequence[int], batch_size: int, runtime: str = "eager",
+                threads: int | None = None, min_run_time: float = 0.05) -> float:
+    """The default timer: :func:`trp.runtimes.measure` (checked against eager, random-normal input).
+
+    Example:
+        >>> time_module(nn.Linear(4, 4), (4,), 2, min_run_time=0.01) > 0
+        True
+    """
+    return runtimes.measure(module, input_shape, batch_size, runtime, threads, min_run_time)
+
+
+@dataclass
+class LayerLatency:
+    """One layer's measured times (all its calls summed): dense, and decomposed at ``ranks``."""
+
+    name: str
+    scheme: str
+    dense_ms: float
+    ranks: list[int]
+    ms: list[float]
+    top: int  # the largest rank whose MACs are below dense (max_rank)
+
+    def at(self, k: int) -> float:
+        """Decomposed time at rank ``k``: measured, or linear between the nearest measured ranks.
+
+        Example:
+            >>> LayerLatency("a", "channel", 5.0, [1, 8, 16], [1.0, 2.0, 4.0], 16).at(12)
+            3.0
+        """
+        if not self.ranks:
+            raise TRPError(f"layer {self.name!r} has no rank whose MACs are below dense; nothing was timed")
+        i = bisect.bisect_left(self.ranks, k)
+        if i < len(self.ranks) and self.ranks[i] == k or len(self.ranks) == 1:
+            return self.ms[min(i, len(self.ms) - 1)]
+        i = min(max(i, 1), len(self.ranks) - 1)  # beyond the ends: the nearest segment, extended
+        (r0, r1), (t0, t1) = self.ranks[i - 1:i + 1], self.ms[i - 1:i + 1]
+        return t0 + (t1 - t0) * (k - r0) / (r1 - r0)
+
+    def allowed(self, multiple: int) -> list[int]:
+        """The ranks a budget may pick: multiples of ``multiple`` up to :attr:`top`.
+
+        Example:
+            >>> LayerLatency("a", "channel", 5.0, [1], [1.0], 20).allowed(8)
+            [8, 16]
+        """
+        return list(range(multiple, self.top + 1, multiple))
+
+
+def preferred_multiple(layers: Iterable[LayerLatency], tolerance: float = STEP_TOLERANCE) -> int:
+    """The rank multiple the kernels prefer, read from the measurements.
+
+    A kernel that pads channels to blocks of m runs ranks b+1 … b+m in the same time, so a rank
+    rounded up to a multiple of m keeps more energy for free. For m = 4, 8, 16, 32 in turn, the
+    times at b+m and at b+1 (b of :func:`ladder`) are summed over the layers that measured both;
+    the answer is the last m before the first whose sum exceeds the b+1 sum by more than
+    ``tolerance`` (1 when already m = 4 costs time or nothing was measured).
+
+    Example:
+        >>> preferred_multiple([LayerLatency("a", "channel", 9.0, [1, 4, 8, 16, 32], [1.0, 1.0, 1.0, 2.0, 4.0], 40)])
+        8
+    """
+    layers, chosen = list(layers), 1
+    for m in MULTIPLES[1:]:
+        one = more = 0.0
+        for lay in layers:
+            b = _probe_base(lay.top)
+            if b + m <= lay.top and b + 1 in lay.ranks and b + m in lay.ranks:
+                one, more = one + lay.at(b + 1), more + lay.at(b + m)
+        if one <= 0 or more > one * (1 + tolerance):
+            break
+        chosen = m
+    return chosen
+
+
+@dataclass
+class LatencyTable:
+    """Measured times of a model's layers (and of the whole dense model) on one target."""
+
+    key: dict[str, Any]
+    layers: dict[str, LayerLatency]
+    model_ms: float | None = None
+
+    @property
+    def multiple(self) -> int:
+        """:func:`preferred_multiple` of these measurements."""
+        return preferred_multiple(self.layers.values())
+
+    def predict(self, ranks: Mapping[str, int | None], model_ms: float | None = None) -> float:
+        """Whole-model ms with layers at ``ranks`` (None or absent: dense): T_dense − Σ dense_l + Σ t_l(k_l).
+
+        Example:
+            >>> lay = LayerLatency("a", "channel", 5.0, [1, 8], [1.0, 2.0], 8)
+            >>> LatencyTable({}, {"a": lay}, 20.0).predict({"a": 8})
+            17.0
+        """
+        total = self.model_ms if model_ms is None else model_ms
+        if total is None:
+            raise TRPError("no whole-model time to predict from: measure the dense model (model_time) or pass model_ms")
+        for name, k in ranks.items():
+            if k is not None and name not in self.layers:
+                raise TRPError(f"layer {name!r} was not timed")
+            if k is not None:
+                total -= self.layers[name].dense_ms - self.layers[name].at(k)
+        return total
+
+
+@dataclass(frozen=True)
+class Target:
+    """The deployment target every time depends on, and how to time it: the batch size, a runtime of
+    :data:`trp.runtimes.RUNTIMES` (``channels_last`` is the memory format), the threads (None: the
+    current count), seconds of timed blocks per layer and for the whole model, the cache folder
+    (:func:`cache_dir`) and the timer (default :func:`time_module`).
+
+    Example:
+        >>> Target(8, "channels_last").runtime
+        'channels_last'
+    """
+
+    batch_size: int = 128
+    runtime: str = "eager"
+    threads: int | None = None
+    min_run_time: float = 0.05
+    model_run_time: float = 0.3
+    cache_dir: str | None = None
+    timer: Timer | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (a frozen dataclass)
+        fix("batch_size", whole(self.batch_size, "batch size", low=1))
+        fix("runtime", runtimes.get(self.runtime).name)
+        fix("threads", None if self.threads is None else whole(self.threads, "threads", low=1))
+        fix("min_run_time", number(self.min_run_time, "min_run_time", low=0.0, low_open=True))
+        fix("model_run_time", number(self.model_run_time, "model_run_time", low=0.0, low_open=True))
+        fix("cache_dir", None if self.cache_dir is None else os.fspath(self.cache_dir))
+        if self.timer is not None and not callable(self.timer):
+            raise TRPError(f"timer must be callable, got {self.timer!r}")
+
+
+class _Session:
+    """Timing on a target through its cache: one JSON file ``{signature: ms}`` per machine key."""
+
+    def __init__(self, target: Target, ref: nn.Module) -> None:
+        self.target, self.threads, self.timed = target, target.threads or torch.get_num_threads(), 0
+        param = next(ref.parameters(), None)
+        dtype, device = (param.dtype, param.device.type) if param is not None else (torch.float32, "cpu")
+        self.key = machine_key(target.runtime, self.threads, target.batch_size, dtype, device)
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = cache_dir(target.cache_dir) / f"{target.runtime}-b{target.batch_size}-t{self.threads}-{digest}.json"
+        self.entries = self._read()
+
+    def _read(self) -> dict[str, float]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != self.key:
+                return {}
+            entries = {str(k): float(v) for k, v in data["ms"].items()}
+            if all(math.isfinite(v) and v > 0 for v in entries.values()):
+                return entries
+            raise ValueError("a time that is not a positive number")
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # measured again, not fatal
+            warnings.warn(f"ignoring the damaged latency cache {self.path}: {err}", stacklevel=4)
+            return {}
+
+    def save(self) -> None:
+        self.entries = {**self._read(), **self.entries}  # keep what another process added meanwhile
+        atomic_write_text(self.path, json.dumps({"format": FORMAT, "key": self.key, "ms": self.entries}, indent=1))
+
+    def ms(self, signature: str, make: Callable[[], nn.Module], shape: Sequence[int], run_time: float) -> float:
+        if signature not in self.entries:
+            t = self.target
+            timer = t.timer or (lambda m, s, b: time_module(m, s, b, t.runtime, self.threads, run_time))
+            self.entries[signature] = float(timer(make(), tuple(shape), t.batch_size))
+            self.timed += 1
+        return self.entries[signature]
+
+
+def _layer_latency(session: _Session, lay: Any) -> LayerLatency:
+    top = max_rank(lay)
+    ranks, run_time = ladder(top), session.target.min_run_time
+    dense, low = 0.0, [0.0] * len(ranks)
+    for shape, n in Counter(tuple(ins) for ins, _ in lay.calls).items():  # a shared layer pays per call
+        sig = f"{lay.module!r} @ {list(shape)}"
+        dense += n * session.ms(sig, lambda: lay.module, shape, run_time)
+        for j, k in enumerate(ranks):
+            make = lambda k=k: lay.scheme.build(lay.module, k)  # noqa: E731  untrained: weights do not change time
+            low[j] += n * session.ms(f"{sig} / {lay.scheme.name}:{k}", make, shape, run_time)
+    return LayerLatency(lay.name, lay.scheme.name, dense, ranks, low, top)
+
+
+def measure_layers(layers: Sequence[Any], target: Target = Target(),
+                   log: Callable[[str], None] | None = None) -> LatencyTable:
+    """Time every layer dense and decomposed on its :func:`ladder` (only what the cache lacks);
+    ``layers`` are :class:`Layer` or :class:`trp.plan.Candidate` records, ``log`` gets a line per
+    newly timed layer.
+
+    Example:
+        >>> import tempfile
+        >>> lays = trace_layers(nn.Sequential(nn.Linear(64, 64)), "linear", input_shape=(64,))
+        >>> measure_layers(lays, Target(8, cache_dir=tempfile.mkdtemp(), timer=lambda m, s, b: 1.0)).layers["0"].ranks
+        [1, 2, 4, 8, 16, 24, 31]
+    """
+    if not layers:
+        threads = target.threads or torch.get_num_threads()
+        return LatencyTable(machine_key(target.runtime, threads, target.batch_size), {})
+    session, table = _Session(target, layers[0].module), {}
+    for lay in layers:
+        before = session.timed
+        table[lay.name] = _layer_latency(session, lay)
+        if session.timed > before:
+            session.save()  # per layer, so an interrupted run keeps what it measured
+            if log is not None:
+                log(f"timed {lay.name}: dense {table[lay.name].dense_ms:.3f} ms, {len(table[lay.name].ranks)} ranks")
+    return LatencyTable(session.key, table)
+
+
+def model_time(model: nn.Module, input_shape: Sequence[int] | None = None, target: Target = Target()) -> float:
+    """The whole model's time on the target, cached under its structure (``repr``) and input shape.
+
+    Example:
+        >>> import tempfile
+        >>> model_time(nn.Linear(4, 4), (4,), Target(2, cache_dir=tempfile.mkdtemp(), timer=lambda m, s, b: 3.0))
+        3.0
+    """
+    shape = sample_shape(model, input_shape)
+    session = _Session(target, model)
+    digest = hashlib.sha256(repr(model).encode()).hexdigest()[:16]
+    ms = session.ms(f"model {digest} @ {list(shape)}", lambda: model, shape, target.model_run_time)
+    if session.timed:
+        session.save()
+    return ms
+
+
+def latency_model(model: nn.Module, scheme: str | Sequence[str] = "channel", filter_fn: FilterFn | None = None,
+                  input_shape: Sequence[int] | None = None, target: Target = Target(),
+                  log: Callable[[str], None] | None = None) -> LatencyTable:
+    """:func:`measure_layers` over the model's decomposable layers plus the dense model's own time
+    (:func:`model_time`), ready to :meth:`~LatencyTable.predict`; see the module's example."""
+    shape = sample_shape(model, input_shape)
+    table = measure_layers(trace_layers(model, scheme, filter_fn, shape), target, log)
+    table.model_ms = model_time(model, shape, target)
+    return table
+
+
+def _frontier(options: Sequence[Option]) -> tuple[list[Option], list[Option]]:
+    """The efficient options (less time, more energy) and their upper concave hull, by time."""
+    front: list[Option] = []
+    for opt in sorted(options, key=lambda o: (o[0], -o[1])):
+        if not front or opt[1] > front[-1][1]:  # slower and no more energy: dominated
+            front.append(opt)
+    hull: list[Option] = []
+    for opt in front:  # keep the slopes Δenergy/Δms strictly falling
+        while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (opt[0] - hull[-1][0])
+                                  <= (opt[1] - hull[-1][1]) * (hull[-1][0] - hull[-2][0])):
+            hull.pop()
+        hull.append(opt)
+    return front, hull
+
+
+def solve_time(options: Mapping[str, Sequence[Option]], fixed_ms: float,
+               budget_ms: float) -> tuple[dict[str, Any], float]:
+    """One ``(ms, energy, rank)`` option per layer: the most energy within ``fixed_ms + Σ ms <= budget_ms``.
+
+    An option slower than another with as much energy is never taken (so a decomposed form no
+    faster than dense loses to dense, whose energy is 1). On each layer's upper concave hull of
+    (ms, energy) one threshold λ on energy per millisecond sets every layer's choice; a binary
+    search finds the lowest λ within budget, then the time left goes greedily, best energy per
+    millisecond first. If even the fastest choice is over budget, it is returned as it is.
+
+    Returns:
+        ``({layer: rank}, total ms)``.
+
+    Example:
+        >>> opts = {"x": [(10, 1.0, None), (2, 0.5, 1), (4, 0.8, 2), (6, 0.95, 3)],
+        ...         "y": [(10, 1.0, None), (2, 0.9, 1), (4, 0.95, 2), (6, 0.99, 3)]}
+        >>> solve_time(opts, 0.0, 8.0)
+        ({'x': 3, 'y': 1}, 8.0)
+    """
+    fronts = {name: _frontier(opts) for name, opts in options.items()}
+    slopes = {name: [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(hull, hull[1:])]
+              for name, (_, hull) in fronts.items()}
+
+    def pick(lam: float) -> tuple[dict[str, Option], float]:
+        chosen = {name: hull[sum(g >= lam for g in slopes[name])] for name, (_, hull) in fronts.items()}
+        return chosen, fixed_ms + sum(o[0] for o in chosen.values())
+
+    best, total = pick(math.inf)
+    lams = sorted({g for gs in slopes.values() for g in gs}, reverse=True)
+    lo, hi = 0, len(lams) - 1
+    while lo <= hi:  # the last (lowest) λ whose total stays within budget
+        mid = (lo + hi) // 2
+        chosen, cost = pick(lams[mid])
+        if cost <= budget_ms:
+            best, total, lo = chosen, cost, mid + 1
+        else:
+            hi = mid - 1
+    while True:  # fill the time left: best marginal energy per ms among the efficient options
+        moves = [((o[1] - cur[1]) / (o[0] - cur[0]), name, o) for name, (front, _) in fronts.items()
+                 for cur in (best[name],) for o in front if o[0] > cur[0] and total + o[0] - cur[0] <= budget_ms]
+        if not moves:
+            return {name: o[2] for name, o in best.items()}, total
+        _, name, o = max(moves, key=lambda m: m[0])
+        total, best[name] = total + o[0] - best[name][0], o
+
+
+@dataclass
+class Allocation:
+    """What a latency budget decided: ranks (None: dense), why layers stay dense, predicted time."""
+
+    ranks: dict[str, int | None]
+    reasons: dict[str, str]
+    model_ms: float
+    predicted_ms: float
+    multiple: int
+    table: LatencyTable
+
+    @property
+    def speedup(self) -> float:
+        """Predicted whole-model speed-up over the dense model."""
+        return self.model_ms / self.predicted_ms
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A whole-model target in measured time: the model runs ``s``× faster on the target.
+
+    Ranks go where they keep the most singular-value energy per measured millisecond
+    (:func:`solve_time`), as multiples of ``multiple`` (default: the one the measurements prefer,
+    :func:`preferred_multiple`); layers whose decomposed form is not faster stay dense. The dense
+    model's time is ``model_ms`` if given, else measured from the ``model`` given to :meth:`solve`
+    (cached, :func:`model_time`). The other fields make the :class:`Target` (whole model timed
+    with 6× ``min_run_time``).
+    """
+
+    s: float
+    multiple: int | None = None
+    batch_size: int = 128
+    runtime: str = "eager"
+    threads: int | None = None
+    min_run_time: float = 0.05
+    cache_dir: str | None = None
+    model_ms: float | None = None
+    timer: Timer | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "s", number(self.s, "latency speed-up", low=1.0))
+        if self.multiple is not None and whole(self.multiple, "rank multiple") not in MULTIPLES:
+            raise TRPError(f"rank multiple must be one of {', '.join(map(str, MULTIPLES))}, got {self.multiple!r}")
+        if self.model_ms is not None:
+            object.__setattr__(self, "model_ms", number(self.model_ms, "model time (ms)", low=0.0, low_open=True))
+        target = self.target  # validates; the normalized values are stored back
+        for name in ("batch_size", "runtime", "threads", "min_run_time", "cache_dir"):
+            object.__setattr__(self, name, getattr(target, name))
+
+    @property
+    def target(self) -> Target:
+        """Where the budget is measured."""
+        return Target(self.batch_size, self.runtime, self.threads, self.min_run_time, 6 * self.min_run_time,
+                      self.cache_dir, self.timer)
+
+    def __str__(self) -> str:
+        return f"latency:{self.s:g}"
+
+    def solve(self, layers: Sequence[Any], total: float = 0.0, model: nn.Module | None = None,
+              input_shape: Sequence[int] | None = None) -> dict[str, int | None]:
+        """``{name: rank or None}``, as :meth:`trp.rank.Speedup.solve` (``total``, the MACs, is unused)."""
+        return self.allocate(layers, model, input_shape).ranks
+
+    def allocate(self, layers: Sequence[Any], model: nn.Module | None = None,
+                 input_shape: Sequence[int] | None = None, log: Callable[[str], None] | None = None) -> Allocation:
+        """The ranks, the reasons for dense layers, the multiple and the predicted time.
+
+        ``layers`` have ``name``, ``module``, ``scheme``, ``calls``, ``cost``, ``dense`` and ``spectrum``
+        (computed when None): :class:`trp.plan.Candidate` or :class:`Layer`. ``model`` (with its
+        ``input_shape``) is timed when ``model_ms`` was not given; ``log`` gets a line per timed layer.
+        """
+        target = self.target
+        table = measure_layers(layers, target, log)
+        if self.model_ms is None and model is None:
+            raise TRPError(f"{self} needs the dense model's time: pass the model to solve() or give model_ms")
+        table.model_ms = self.model_ms or model_time(model, input_shape, target)
+        m = self.multiple or table.multiple
+        options, reasons = _options(layers, table, m)
+        budget = table.model_ms / self.s
+        ranks, predicted = solve_time(options, table.model_ms - sum(t.dense_ms for t in table.layers.values()), budget)
+        if predicted > budget * (1 + SLACK):
+            raise TRPError(f"latency speed-up {self.s:g}x is out of reach: with every layer at its fastest measured "
+                           f"form the model is predicted {table.model_ms / predicted:.2f}x faster "
+                           f"({self.runtime}, batch {self.batch_size})")
+        for name, k in ranks.items():
+            if k is None:
+                reasons.setdefault(name, "dense keeps the most energy within the time budget")
+            else:
+                reasons.pop(name, None)
+        return Allocation(ranks, reasons, table.model_ms, predicted, m, table)
+
+
+def _options(layers: Sequence[Any], table: LatencyTable, m: int) -> tuple[dict[str, list[Option]], dict[str, str]]:
+    """Every layer's choices (dense, or a rank multiple of ``m``) and why some can only stay dense."""
+    options: dict[str, list[Option]] = {}
+    reasons: dict[str, str] = {}
+    for c in layers:
+        lay, spectrum, ks = table.layers[c.name], c.spectrum, table.layers[c.name].allowed(m)
+        if spectrum is None:
+            spectrum = c.scheme.singular_values(c.module.weight, c.name)
+        options[c.name] = [(lay.dense_ms, 1.0, None)] + [(lay.at(k), rank_mod.kept_energy(spectrum, k), k) for k in ks]
+        if not ks:
+            reasons[c.name] = f"no rank that is a multiple of {m} lowers its MACs (below rank {lay.top + 1})"
+        elif min(lay.at(k) for k in ks) >= lay.dense_ms:
+            k = min(ks, key=lay.at)
+            reasons[c.name] = (f"decomposed form measured no faster than dense at any rank (fastest "
+                               f"{lay.at(k):.3f} ms at rank {k} >= {lay.dense_ms:.3f} ms dense)")
+    return options, reasons
+
+
+def latency(s: float, multiple: int | None = None, batch_size: int = 128, runtime: str = "eager",
+            **kwargs: Any) -> Latency:
+    """A whole-model budget in measured time: the model runs ``s``× faster (see :class:`Latency`).
+
+    Example:
+        >>> str(latency(2, multiple=8, runtime="channels_last"))
+        'latency:2'
+    """
+    return Latency(s, multiple, batch_size, runtime, **kwargs)
