@@ -33,7 +33,7 @@ import torch
 from benchmarks.common import MACS_SOURCES, POSTHOC, REPO, TRAINED, folder
 from trp.bn import fold_bn_
 from trp.checkpoint import CHECKPOINT_FILE
-from trp.structure import load_model
+from trp.saving import load_model
 from trp.compress import best_latency, compress
 from trp.errors import TRPError
 from trp.io import atomic_write_text

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -21,6 +22,7 @@ import trp
 from trp import checkpoint as ckpt
 from trp import io as trp_io
 from trp import structure
+from trp import saving
 from trp.cli import main
 from trp.errors import TRPError
 from trp.models import create
@@ -50,7 +52,7 @@ def _model() -> nn.Module:
 def model_dir(tmp_path: Path) -> Path:
     d = tmp_path / "model"
     d.mkdir()
-    structure.save_model(d / ckpt.MODEL_FILE, _model(), SPEC)
+    saving.save_model(d / ckpt.MODEL_FILE, _model(), SPEC)
     return d
 
 
@@ -147,7 +149,7 @@ def test_file_without_checksum_loads_only_when_trusted(tmp_path: Path, one_line_
     assert "no trp checksum" in one_line_error(["eval", tmp_path])
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
-        assert torch.equal(structure.load(tmp_path, trust=True)(x), model(x))
+        assert torch.equal(saving.load(tmp_path, trust=True)(x), model(x))
 
 
 def test_edited_weight_with_checksum_stripped_is_refused(model_dir: Path, one_line_error) -> None:
@@ -168,7 +170,7 @@ def test_edited_weight_with_checksum_stripped_is_refused(model_dir: Path, one_li
         ckpt.read_safetensors(f)
     assert "no trp checksum" in one_line_error(["eval", model_dir])
     # Trusting it is the user's explicit decision, and then the edited weight is what loads.
-    assert float(structure.load(model_dir, trust=True).fc.weight[0, 0].detach()) == pytest.approx(float(tensors["model.fc.weight"][0, 0]))
+    assert float(saving.load(model_dir, trust=True).fc.weight[0, 0].detach()) == pytest.approx(float(tensors["model.fc.weight"][0, 0]))
     ckpt.read_safetensors(f, trust=True)
 
 
@@ -177,7 +179,7 @@ def test_non_finite_weights_are_refused(tmp_path: Path, one_line_error) -> None:
     model = _model()
     with torch.no_grad():
         model.layer1[0].conv1.weight[0, 0, 0, 0] = float("nan")
-    structure.save_model(tmp_path / ckpt.MODEL_FILE, model, SPEC)
+    saving.save_model(tmp_path / ckpt.MODEL_FILE, model, SPEC)
     with pytest.raises(TRPError, match="non-finite.*layer1.0.conv1.weight"):
         trp.load(tmp_path)
     assert "layer1.0.conv1.weight" in one_line_error(["eval", tmp_path])
@@ -238,7 +240,7 @@ def test_failed_write_creates_nothing(tmp_path: Path) -> None:
         Path(tmp).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
         raise OSError(errno.EIO, "I/O error")
 
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match=f"^cannot write {re.escape(str(target))}: I/O error$"):
         trp_io.atomic_write(target, fail)
     assert list(tmp_path.iterdir()) == []
 
@@ -256,7 +258,7 @@ def test_safetensors_never_partially_visible(model_dir: Path, monkeypatch: pytes
     monkeypatch.setattr(trp_io.os, "replace", no_rename)
     other = create("resnet20", num_classes=10, in_channels=1)
     with pytest.raises(TRPError, match="No space left on device"):
-        structure.save_model(model_dir / ckpt.MODEL_FILE, other, SPEC)
+        saving.save_model(model_dir / ckpt.MODEL_FILE, other, SPEC)
     monkeypatch.undo()
     assert renames and renames[0][1] == str(model_dir / ckpt.MODEL_FILE)
     assert (model_dir / ckpt.MODEL_FILE).read_bytes() == before

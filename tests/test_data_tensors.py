@@ -139,7 +139,7 @@ def test_train_sharding_disjoint_equal() -> None:
     # Together they are the single-process permutation minus its last (odd) element, interleaved.
     _, full = _all_batches(data, batch_size=200, epoch=4, seed=2, augment=False)
     assert torch.equal(torch.stack([a, b], 1).flatten(), full[:100])
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match=r"^rank must be <= 1, got 2$"):
         next(data.train_batches(8, 0, 0, rank=2, world_size=2))
 
 

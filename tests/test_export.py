@@ -15,6 +15,7 @@ import torch
 import trp
 from trp import checkpoint as ckpt
 from trp import structure
+from trp import saving
 from trp.cli import main
 from trp.errors import TRPError
 from trp.export import export
@@ -163,6 +164,55 @@ def test_export_never_writes_over_its_inputs(compressed: Path, tmp_path: Path, o
     assert one_line_error(["export", compressed, "--format", "onnx", "--out", compressed]).endswith("is a folder; give the file to write")
 
 
+def test_export_never_writes_over_a_trp_file_from_any_directory(compressed: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, one_line_error) -> None:
+    """A model compressed from a relative run path, exported from another working directory: the run's
+    checkpoint (and a renamed copy of it) is still refused with --overwrite, by its header."""
+    work = tmp_path / "work"
+    shutil.copytree(compressed.parent / "run", work / "run")
+    monkeypatch.chdir(work)
+    assert main(["compress", "run", "--rank", "energy:0.9", "--latency-batch", "8", "--no-latency-check", "--out", "c"]) == 0
+    monkeypatch.chdir(tmp_path)
+    checkpoint = work / "run" / ckpt.CHECKPOINT_FILE
+    backup = tmp_path / "backup.bin"
+    shutil.copy(checkpoint, backup)
+    before = checkpoint.read_bytes()
+    for out in (checkpoint, backup):
+        line = one_line_error(["export", work / "c", "--format", "onnx", "--out", out, "--overwrite"])
+        assert "refusing to write over" in line and "trp model or checkpoint file" in line, line
+    assert checkpoint.read_bytes() == before == backup.read_bytes()
+    trp.load(work / "run")
+
+
+def test_export_refuses_the_names_of_trp_files(compressed: Path, tmp_path: Path) -> None:
+    """An ONNX file called model.safetensors in a run folder would hide the run's own files: refused by name."""
+    run = tmp_path / "run"
+    shutil.copytree(compressed.parent / "run", run)
+    for name in (ckpt.MODEL_FILE, "config.json", "plan.json", "report.json", "metrics.csv"):
+        with pytest.raises(TRPError, match=f"{name} is the name of a file trp keeps in run and model folders"):
+            export(compressed, "onnx", run / name if name == ckpt.MODEL_FILE else tmp_path / name, overwrite=True)
+    assert not (run / ckpt.MODEL_FILE).exists()
+    assert trp.load(run) is not None  # still the run's checkpoint
+
+
+def test_export_checks_out_before_reading_the_model(compressed: Path, tmp_path: Path, one_line_error,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out inside a file, or in a folder that cannot be written, is one line naming --out, before any load."""
+    import trp.export
+
+    def no_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("read the model before checking --out")
+
+    monkeypatch.setattr(trp.export, "load_model", no_load)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    line = one_line_error(["export", compressed, "--format", "onnx", "--out", blocker / "m.onnx"])
+    assert line == f"trp: error: cannot write {blocker / 'm.onnx'}: {blocker} is a file, not a folder"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root no folder is unwritable
+    line = one_line_error(["export", compressed, "--format", "onnx", "--out", tmp_path / "m.onnx"])
+    assert line.startswith(f"trp: error: cannot write {tmp_path / 'm.onnx'}: {tmp_path} is not writable"), line
+
+
 # ------------------------------------------------------------------------------------ full disk, bad numbers
 
 _FULL_DISK = """
@@ -214,7 +264,7 @@ def svd_model(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Pat
     model = svd_parametrize_(create("resnet20", num_classes=10, in_channels=1), "channel")
     spec = structure.ModelSpec("resnet20", 10, 1, [1, 8, 8], dataset="digits").then(
         {"kind": "svd-parametrize", "scheme": "channel"})
-    structure.save_model(folder / ckpt.MODEL_FILE, model, spec)
+    saving.save_model(folder / ckpt.MODEL_FILE, model, spec)
     return folder
 
 

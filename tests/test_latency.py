@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 import trp
-from trp import latency as lat
+from trp import latency_model as lat
 from trp import rank as rank_mod
 from trp.errors import TRPError
-from trp.latency import Latency, LayerLatency, Target, latency, ladder, latency_model, preferred_multiple, solve_time
+from trp.latency_model import LayerLatency, Target, ladder, latency_model, preferred_multiple
+from trp.latency_budget import Latency, latency, solve_time
 from trp.rank import kept_energy
 
 SHAPE = (16, 8, 8)
@@ -71,7 +72,7 @@ def candidates(model: nn.Module) -> list:
     seen = []
 
     class Capture(rank_mod.Speedup):
-        def solve(self, layers, total):  # type: ignore[no-untyped-def, override]
+        def solve(self, layers, total, **context):  # type: ignore[no-untyped-def, override]
             seen.extend(layers)
             return {c.name: None for c in layers}
 
@@ -257,3 +258,23 @@ def test_real_timings_fill_a_table(tmp_path) -> None:  # type: ignore[no-untyped
     assert set(t.layers) == {"0", "2"} and t.model_ms > 0
     assert all(ms > 0 for lay in t.layers.values() for ms in [lay.dense_ms, *lay.ms])
     assert t.key["threads"] == 1 and t.predict({"0": None, "2": None}) == t.model_ms
+
+
+def test_plan_takes_a_latency_budget(tmp_path) -> None:
+    """trp.plan(model, rank=trp.latency(s)) allocates by measured time; a layer no faster decomposed stays dense, with why."""
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1))
+
+    def fake(module, shape, batch):  # dense convs 1 ms; "2" decomposed 0.2 + k/100 ms; "4" decomposed 1.5 ms
+        if isinstance(module, nn.Conv2d):
+            return 1.0
+        if isinstance(module, nn.Sequential) and len(module) == 2:
+            return 1.5 if module[1].out_channels == 64 else 0.2 + module[0].out_channels / 100
+        return 3.0
+
+    p = trp.plan(model, "channel", trp.latency(1.2, timer=fake, cache_dir=str(tmp_path), model_ms=3.0),
+                 filter_fn=lambda m, n: n in ("2", "4"), input_shape=(8, 16, 16))
+    layers = {lp.name: lp for lp in p.layers}
+    assert p.criterion == "latency:1.2"
+    assert layers["2"].decomposed and 0.2 + layers["2"].rank / 100 <= 0.5 + 1e-9  # within 3 ms / 1.2
+    assert not layers["4"].decomposed and "latency:1.2 keeps it dense" in layers["4"].reason

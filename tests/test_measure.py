@@ -14,6 +14,7 @@ import trp
 from trp.errors import TRPError
 from trp.measure import default_input_shape, layer_macs, sample_shape, trace_shapes
 from trp.models import create
+from trp.tracing import example_input, trace_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -387,7 +388,7 @@ def test_folded_batch_counts_every_slice() -> None:
             return self.fc(x.reshape(-1, 3, 8))  # (1, 12, 8) -> (4, 3, 8)
 
     model = Folded()
-    calls = trp.measure.trace_calls(model, (12, 8))
+    calls = trace_calls(model, (12, 8))
     assert calls["fc"] == [((3, 8), (3, 4))] * 4
     assert trp.profile(model, (12, 8)).macs == _flop_counter_macs(model, torch.zeros(1, 12, 8)) == 12 * 32
 
@@ -451,7 +452,7 @@ def test_default_input_shape_uses_declared_sizes() -> None:
     assert default_input_shape(tokens) == (128,)
     tokens.config = type("Config", (), {"max_position_embeddings": 16})()
     assert default_input_shape(tokens) == (16,)
-    assert trp.measure.example_input(tokens, (16,)).dtype == torch.int64
+    assert example_input(tokens, (16,)).dtype == torch.int64
     assert trp.profile(tokens).macs == 16 * 8 * 50
 
 

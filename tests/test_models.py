@@ -177,3 +177,57 @@ def test_package_all_is_unique_and_complete() -> None:
     ns: dict = {}
     exec("from trp import *", ns)
     assert set(trp.__all__) <= set(ns)
+
+
+# --------------------------------------------------------------------------------------------
+# Sources beyond the zoo (issue #13): torchvision:, timm:, hf:, python:
+# --------------------------------------------------------------------------------------------
+
+
+def test_torchvision_source_sizes_and_first_conv() -> None:
+    """torchvision:NAME takes num_classes, and in_channels through a rebuilt first conv (any model)."""
+    model = models.create("torchvision:mobilenet_v2", num_classes=6, in_channels=1).eval()
+    first = model.features[0][0]
+    assert first.in_channels == 1 and first.stride == (2, 2) and first.kernel_size == (3, 3)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 6)
+    net = models.create("torchvision:resnet18", num_classes=3, zero_init_residual=True)  # kwargs reach the builder
+    assert net.fc.out_features == 3 and torch.count_nonzero(net.layer1[0].bn2.weight) == 0
+
+
+def test_sources_are_checked_before_building() -> None:
+    """check() validates a source and its kwargs without building or importing user code."""
+    assert models.check("torchvision:resnet18", '{"zero_init_residual": true}') == {"zero_init_residual": True}
+    assert models.check("python:pkg.never_imported_module:make", {"width": (1, 2)}) == {"width": [1, 2]}
+    assert "pkg" not in sys.modules
+    for source, kwargs, message in [
+        ("torchvision:resnet1", None, "unknown torchvision classification model 'resnet1'"),
+        ("python:pkg.mod", None, "python: needs MODULE:FUNCTION"),
+        ("hf:", None, "hf: needs the path of a config file"),
+        ("torchvision:", None, "torchvision: needs a model name"),
+        ("torchvision:resnet18", {"w": {1: 2}}, "keys must be strings"),
+        ("torchvision:resnet18", {"w": float("inf")}, "model-kwargs w must be finite"),
+        ("torchvision:resnet18", {"w": object()}, "must be a JSON value"),
+        ("torchvision:resnet18", '"x"', "must be a JSON object"),
+        ("torchvision:resnet18", {"in_channels": 1}, "may not set 'in_channels': it comes from the data"),
+        ("resnet20", {"width": 2}, "model 'resnet20' takes no model-kwargs"),
+    ]:
+        with pytest.raises(TRPError, match=message):
+            models.check(source, kwargs)
+
+
+def test_hf_kwargs_become_self_contained(tmp_path) -> None:  # noqa: ANN001
+    """portable_kwargs stores an hf: config file's content (with the overrides) so a model file needs no config file."""
+    pytest.importorskip("transformers")
+    config = {"model_type": "vit", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 32, "image_size": 8, "patch_size": 4, "_name_or_path": "/home/someone"}
+    path = tmp_path / "vit.json"
+    path.write_text(__import__("json").dumps(config))
+    kwargs = models.portable_kwargs(f"hf:{path}", {"num_hidden_layers": 2})
+    assert kwargs == {"config": {**{k: v for k, v in config.items() if k != "_name_or_path"}, "num_hidden_layers": 2}}
+    path.unlink()
+    model = models.create(f"hf:{path}", num_classes=4, in_channels=1, **kwargs).eval()
+    assert isinstance(model, models.HFClassifier) and model.config.num_hidden_layers == 2
+    assert model.config.num_channels == 1 and model.config.num_labels == 4
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 4)

@@ -464,7 +464,8 @@ def test_plan_lists_every_weight_with_its_reason() -> None:
     p = trp.plan(model, "auto", trp.fixed(2), input_shape=shape)
     assert p.product_macs == 2 * 64 * 64 * 16  # now computed by the unfused module's SDPA call
     assert "activation products such as attention scores: 131,072 MACs" in p.table()
-    assert {lp.name for lp in p.layers if lp.decomposed} >= {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"}
+    projections = {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"}
+    assert {lp.name for lp in p.layers if lp.decomposed} >= projections
 
 
 def test_low_rank_layers_match_decompose(resnet20) -> None:

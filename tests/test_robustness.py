@@ -30,7 +30,7 @@ from trp import io as trp_io
 from trp.cli import main
 from trp.errors import TRPError
 from trp.hook import TRP
-from trp.structure import load_model
+from trp.saving import load_model
 from trp.models import create
 from trp.train import TrainConfig, train
 
@@ -662,6 +662,77 @@ def test_resume_refuses_contradicting_flags_and_records_allowed_changes(tmp_path
     assert "it has done 2 epochs already" in one_line_error(["train", "--resume", run, "--epochs", "1", "--no-progress"])
 
 
+def test_resume_names_every_contradicting_flag(digits_run: Path, one_line_error) -> None:
+    """All the settings --resume refuses are named in its one line, not only the first."""
+    line = one_line_error(["train", "--resume", digits_run, "--no-progress", "--lr", "7", "--scheme", "spatial",
+                           "--momentum", "0.5", "--epochs", "5"])
+    for words in ("scheme 'spatial' (the run was trained with 'channel')", "lr 7.0 (the run was trained with 0.1)",
+                  "momentum 0.5 (the run was trained with 0.9)"):
+        assert words in line, line
+    assert "epochs 5" not in line  # a change --resume allows is not among the refused ones
+
+
+def test_folder_in_use_is_said_before_judging_its_run(digits_run: Path, tmp_path: Path, one_line_error) -> None:
+    """While another process writes a run still in its first epoch (config.json, no checkpoint yet),
+    --resume, a new run and compress --out on it say "in use" naming the pid, not "nothing to resume",
+    "a different run" or "not empty"."""
+    from trp.runs import locked
+
+    run = tmp_path / "run"
+    config = TrainConfig(dataset="digits", method="baseline", epochs=1, batch_size=256)
+    assert train(config, run, progress=False, log=lambda s: None, stop_after_epoch=0)["stopped"]
+    with locked(run):
+        for argv in (["train", "--resume", run, "--no-progress"], ["train", *BASE_RUN, "--lr", "0.5", "--out", run],
+                     ["compress", digits_run, "--out", run], ["demo", "--epochs", "1", "--out", run]):
+            line = one_line_error(argv)
+            assert f"is in use by another trp process (pid {os.getpid()})" in line, line
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+
+
+def test_interrupted_resume_advice_keeps_its_changes(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume with --epochs stopped before an epoch completed: the advice repeats --epochs (the checkpoint does
+    not hold the change yet) and quotes a path with a space; the advised command then trains the run on."""
+    import shlex
+
+    import trp.cli
+
+    run = tmp_path / "my run"
+    shutil.copytree(digits_run, run)
+    real = trp.cli.train
+    monkeypatch.setattr(trp.cli, "train", lambda *a, **k: real(*a, stop_after_epoch=1, **k))  # stop at once
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip("\n").split("\n")
+    assert len(err) == 1 and err[0].startswith("trp: interrupted;"), err
+    advice = err[0].split("continue with: ")[1].rstrip(")")
+    assert advice == f"trp train --resume {shlex.quote(str(run))} --epochs 2"
+    assert _ckpt_epoch(run) == 1
+    monkeypatch.setattr(trp.cli, "train", real)
+    assert main([*shlex.split(advice)[1:], "--no-progress"]) == 0
+    assert _ckpt_epoch(run) == 2
+
+
+def test_stop_before_the_first_epoch_prints_no_summary(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing completed, nothing summarized (no "test acc nan%"): only the one line of advice, which works."""
+    import shlex
+
+    import trp.cli
+
+    run = tmp_path / "new run"
+    real = trp.cli.train
+    monkeypatch.setattr(trp.cli, "train", lambda *a, **k: real(*a, stop_after_epoch=0, **k))
+    assert main(["train", *BASE_RUN, "--out", str(run)]) == 130
+    out, err = capsys.readouterr()
+    assert "done:" not in out and "nan" not in out + err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1 and "start it again with: " in lines[0], err
+    advice = lines[0].split("start it again with: ")[1].rstrip(")")
+    monkeypatch.setattr(trp.cli, "train", real)
+    assert main([*shlex.split(advice)[1:], "--no-progress"]) == 0
+    assert _ckpt_epoch(run) == 1
+
+
 # ------------------------------------------------------------------ issue 15: bad numbers and config types
 
 HUGE = [(["--seed", "1e30"], "--seed: is too large: '1e30'"), (["--seed", "5e9"], "seed must be <= 4294967295"), (["--energy-ramp", "1e308"], "energy-ramp must be <="),
@@ -682,7 +753,11 @@ BAD_TYPES = [('{"epochs": 1e400}', "epochs must be a whole number, got inf"),
              ('{"amp": "no"}', "amp must be true or false, got 'no'"),
              ('{"epochs": true}', "epochs must be a whole number, got True"),
              ('{"deterministic": "maybe"}', "deterministic must be true or false, got 'maybe'"),
-             ('{"method": ["trp"]}', "unknown method ['trp']")]
+             ('{"method": ["trp"]}', "unknown method ['trp']"),
+             ('{"lr": "0.1"}', "lr must be a number, got '0.1'"),
+             ('{"epochs": "3"}', "epochs must be a whole number, got '3'"),
+             ('{"speedup": "2"}', "speedup must be a number, got '2'"),
+             ('{"lr_steps": ["5"]}', "lr-steps must be a list of whole numbers, got ['5']")]
 
 
 @pytest.mark.parametrize("doc,message", BAD_TYPES, ids=[d for d, _ in BAD_TYPES])
@@ -772,7 +847,7 @@ def test_output_inside_a_file_is_one_line_before_any_work(digits_run: Path, tmp_
     for argv in (["train", *BASE_RUN, "--out", blocker / "run"], ["compress", digits_run, "--out", blocker / "c"]):
         assert f"{blocker} is a file, not a folder" in one_line_error(argv)
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root no folder is unwritable
-    assert "permission denied in" in one_line_error(["compress", digits_run, "--out", tmp_path / "c"])
+    assert "is not writable (permission denied" in one_line_error(["compress", digits_run, "--out", tmp_path / "c"])
 
 
 def test_os_errors_exit_2_naming_the_file(digits_run: Path, monkeypatch: pytest.MonkeyPatch,
@@ -823,6 +898,27 @@ def test_skip_bad_images_reaches_the_image_folder(tmp_path: Path, capsys: pytest
     assert json.loads((run / "config.json").read_text())["config"]["skip_bad_images"] is True
     assert main(["eval", str(run), "--skip-bad-images", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test_images"] == 2
+
+
+def test_compress_accepts_a_file_without_checksum_only_with_trust(digits_run: Path, tmp_path: Path,
+                                                                    one_line_error) -> None:
+    """The checksum error's advice (--trust) works for compress too; without it the file is refused."""
+    import struct
+
+    stripped = tmp_path / "stripped"
+    stripped.mkdir()
+    data = (digits_run / ckpt.CHECKPOINT_FILE).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    del header["__metadata__"][ckpt.CHECKSUM_KEY]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (stripped / ckpt.CHECKPOINT_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    argv = ["compress", stripped, "--latency-batch", "8", "--no-latency-check", "--out", tmp_path / "c"]
+    assert "has no trp checksum" in one_line_error(argv) and "--trust" in one_line_error(argv)
+    assert not (tmp_path / "c").exists()
+    assert main([str(a) for a in [*argv, "--trust"]]) == 0
+    assert (tmp_path / "c" / ckpt.MODEL_FILE).is_file()
 
 
 def test_export_refuses_an_existing_out_unless_overwrite(digits_run: Path, tmp_path: Path, one_line_error) -> None:

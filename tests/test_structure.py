@@ -11,6 +11,7 @@ from torch import nn
 import trp
 from trp import checkpoint as ckpt
 from trp import structure
+from trp import saving
 from trp.bn import fold_bn_
 from trp.errors import TRPError
 from trp.models import create
@@ -47,7 +48,7 @@ def _compressed(fold_first: bool) -> tuple[nn.Module, list, trp.Plan]:
 
 def test_registry_calls_owning_modules() -> None:
     """Every kind is registered once; replaying transforms gives the same structure as the owners' functions."""
-    assert set(TRANSFORMS) == {"svd-parametrize", "fold-bn", "decompose"}
+    assert set(TRANSFORMS) == {"unfuse-attention", "svd-parametrize", "fold-bn", "decompose"}
     model, pairs, p = _compressed(fold_first=True)
     spec = BASE.then({"kind": "fold-bn", "pairs": pairs}).then({"kind": "decompose", "plan": p})
     built = structure.build_model(spec)
@@ -136,14 +137,14 @@ def test_old_format_files_still_load(tmp_path: Path, fold_first: bool) -> None:
            "dataset": "digits", "svd_scheme": None, "bn_folded": pairs, "fold_after_plan": not fold_first,
            "plan": p.to_dict()}
     ckpt.write_safetensors(tmp_path / ckpt.MODEL_FILE, ckpt.with_prefix("model.", model.state_dict()), {"model": old})
-    loaded, spec, _ = structure.load_model(tmp_path)
+    loaded, spec, _ = saving.load_model(tmp_path)
     kinds = [t["kind"] for t in spec.transforms]
     assert kinds == (["fold-bn", "decompose"] if fold_first else ["decompose", "fold-bn"])
     with torch.no_grad():
         assert torch.equal(loaded(_x()), model(_x()))
     # Saved again, it is written in the new format and loads the same.
-    structure.save_model(tmp_path / "again" / ckpt.MODEL_FILE, loaded, spec)
-    again, spec2, meta = structure.load_model(tmp_path / "again")
+    saving.save_model(tmp_path / "again" / ckpt.MODEL_FILE, loaded, spec)
+    again, spec2, meta = saving.load_model(tmp_path / "again")
     assert meta["model"]["format"] == "trp-model/2" and spec2 == spec
     with torch.no_grad():
         assert torch.equal(again(_x()), model(_x()))
@@ -163,6 +164,7 @@ def no_build(monkeypatch: pytest.MonkeyPatch) -> list:
         return real(spec)
 
     monkeypatch.setattr(structure, "build_model", recording)
+    monkeypatch.setattr(saving, "build_model", recording)  # where loading calls it
     return calls
 
 
@@ -178,7 +180,7 @@ def _rewrite(folder: Path, edit) -> None:  # noqa: ANN001
 def test_crafted_num_classes_is_refused_before_allocation(tmp_path: Path, no_build: list, one_line_error,
                                                           num_classes: int, message: str) -> None:
     """#15 item 7: num_classes 1e10 in a valid file used to be allocated before anything was checked."""
-    structure.save_model(tmp_path / ckpt.MODEL_FILE, _model(), BASE)
+    saving.save_model(tmp_path / ckpt.MODEL_FILE, _model(), BASE)
 
     def edit(m: dict) -> None:
         m["num_classes"] = num_classes
@@ -198,8 +200,8 @@ def test_crafted_plan_rank_is_refused_before_allocation(tmp_path: Path, no_build
     """#15 item 7: a plan rank of 1e10 (or any rank the file's tensors do not have) is refused unbuilt."""
     model, pairs, p = _compressed(fold_first=True)
     spec = BASE.then({"kind": "fold-bn", "pairs": pairs}).then({"kind": "decompose", "plan": p})
-    structure.save_model(tmp_path / ckpt.MODEL_FILE, model, spec)
-    assert structure.load(tmp_path) is not None and len(no_build) == 1
+    saving.save_model(tmp_path / ckpt.MODEL_FILE, model, spec)
+    assert saving.load(tmp_path) is not None and len(no_build) == 1
     no_build.clear()
 
     def edit(m: dict) -> None:
@@ -216,7 +218,7 @@ def test_weights_that_do_not_fit_the_spec_are_not_saved(tmp_path: Path) -> None:
     """save_model checks the weights against the spec: a file trp writes always loads again."""
     model, pairs, p = _compressed(fold_first=True)
     with pytest.raises(TRPError, match="does not fit"):
-        structure.save_model(tmp_path / ckpt.MODEL_FILE, model, BASE.then({"kind": "fold-bn", "pairs": pairs}))
+        saving.save_model(tmp_path / ckpt.MODEL_FILE, model, BASE.then({"kind": "fold-bn", "pairs": pairs}))
     assert not (tmp_path / ckpt.MODEL_FILE).exists()
 
 
@@ -226,3 +228,83 @@ def test_folding_a_decomposed_layer_is_one_line(tmp_path: Path) -> None:
     spec = BASE.then({"kind": "decompose", "plan": p}).then({"kind": "fold-bn", "pairs": [["layer1.0.conv1", "layer1.0.bn1"]]})
     with pytest.raises(TRPError, match="folded-BN list does not fit"):
         structure.build_model(spec)
+
+
+# ------------------------------------------------------------------------------------ sources and instances (#13)
+
+
+def test_source_kwargs_are_part_of_the_spec(tmp_path: Path) -> None:
+    """A source's kwargs are stored in the file and rebuild the same model; zoo files hold no kwargs field."""
+    assert "kwargs" not in BASE.to_dict()
+    spec = ModelSpec("torchvision:mobilenet_v2", 10, 1, [1, 8, 8], kwargs={"width_mult": 0.25})
+    assert spec.to_dict()["kwargs"] == {"width_mult": 0.25} and ModelSpec.from_dict(spec.to_dict()) == spec
+    torch.manual_seed(0)
+    model = structure.build_model(spec).eval()
+    saving.save_model(tmp_path / ckpt.MODEL_FILE, model, spec)
+    loaded = trp.load(tmp_path)
+    assert loaded.features[0][0].in_channels == 1 and loaded.features[0][0].out_channels == 8
+    with torch.no_grad():
+        assert torch.equal(loaded(_x()), model(_x()))
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"arch": "resnet20", "kwargs": {"width": 2}}, "takes no model-kwargs"),
+    ({"arch": "torchvision:resnet18", "kwargs": {"weights": "DEFAULT"}}, "may not set 'weights'"),
+    ({"arch": "torchvision:resnet18", "kwargs": [1]}, "must be a JSON object"),
+    ({"arch": "timm:resnet18", "kwargs": {"checkpoint_path": "model.pth"}}, "may not set 'checkpoint_path'"),
+    ({"arch": "instance", "kwargs": {"width": 2}}, "saved from an instance has no kwargs"),
+    ({"arch": "torchvision:resnet18", "input_shape": [8]}, "input_shape must be \\[channels, height, width\\]"),
+])
+def test_source_specs_are_checked_strictly(doc: dict, message: str) -> None:
+    with pytest.raises(TRPError, match=message):
+        ModelSpec.from_dict({**BASE.to_dict(), **doc})
+
+
+def test_instance_and_python_specs_take_any_sample_shape() -> None:
+    """A user's own model (instance, python:) may take vectors or sequences; image sources take [C, H, W]."""
+    assert ModelSpec("instance", 5, 1, [20]).input_shape == [20]
+    assert ModelSpec("python:pkg.mod:make", 5, 1, [4, 16]).input_shape == [4, 16]
+
+
+def test_crafted_source_kwargs_are_refused_before_allocation(tmp_path: Path, no_build: list) -> None:
+    """kwargs that size the model (width_mult 1e3) are checked on the meta device against the file's tensors."""
+    spec = ModelSpec("torchvision:mobilenet_v2", 10, 1, [1, 8, 8], kwargs={"width_mult": 0.25})
+    saving.save_model(tmp_path / ckpt.MODEL_FILE, structure.build_model(spec), spec)
+    no_build.clear()
+
+    def edit(m: dict) -> None:
+        m["kwargs"] = {"width_mult": 1000.0}
+
+    _rewrite(tmp_path, edit)
+    with pytest.raises(TRPError, match="does not fit this architecture"):
+        trp.load(tmp_path)
+    assert no_build == []
+
+
+class _Encoder(nn.Module):
+    """A tiny attention model: MultiheadAttention then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_unfused_attention_replays_and_loads(tmp_path) -> None:
+    """An unfused, decomposed attention model saves and loads back (the unfuse-attention transform replays)."""
+    import trp
+
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    names = trp.unfuse_attention_(model)
+    assert names == ["attn"]
+    p = trp.plan(model, "linear", trp.fixed(4), input_shape=(5, 16))
+    trp.decompose_(model, p)
+    x = torch.randn(2, 5, 16)
+    folder = trp.save(model, tmp_path / "m", plan=p, input_shape=(5, 16))
+    loaded, spec, _ = saving.load_model(folder, model=_Encoder())
+    assert [t["kind"] for t in spec.transforms] == ["unfuse-attention", "decompose"]
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)

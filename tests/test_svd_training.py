@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from torch.nn.utils import parametrize
 
 import trp
 from trp import schemes
+from trp import svd_losses as sl
 from trp import svd_training as st
 from trp.errors import TRPError
 from trp.models import create
@@ -43,12 +45,12 @@ def _sgd_steps(model: nn.Module, steps: int = 3, seed: int = 1) -> None:
     """A few SGD steps on random data with strong regularization: factors leave orthonormality."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    cfg = st.SVDTrainingConfig(orth=0.1, sparsity_kind="l1", sparsity=0.05)
+    cfg = sl.SVDTrainingConfig(orth=0.1, sparsity_kind="l1", sparsity=0.05)
     model.train()
     for _ in range(steps):
         x = torch.randn(8, 3, 16, 16, generator=gen)
         y = torch.randint(0, 10, (8,), generator=gen)
-        loss = F.cross_entropy(model(x), y) + st.regularization(model, cfg)
+        loss = F.cross_entropy(model(x), y) + sl.regularization(model, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -132,9 +134,9 @@ def test_layer_constructors_and_errors() -> None:
         st.svd_parametrize_layer_(nn.Conv2d(4, 4, 3, groups=2), "channel")
     with pytest.raises(TRPError, match="scheme"):
         st.svd_parametrize_layer_(nn.Conv2d(4, 4, 3), "decouple")
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match="Linear is not handled by scheme 'channel'"):
         st.svd_parametrize_layer_(nn.Linear(4, 4), "channel")
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match="Conv2d is not handled by scheme 'linear'"):
         st.svd_parametrize_layer_(nn.Conv2d(4, 4, 3), "linear")
     with pytest.raises(TRPError, match="parametrized already"):
         st.svd_parametrize_layer_(conv, "spatial")
@@ -202,7 +204,7 @@ def test_parametrize_rolls_back_and_validates() -> None:
     with pytest.raises(TRPError, match="no eligible layer"):
         st.svd_parametrize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
     with pytest.raises(TRPError, match="svd_parametrize_"):
-        st.orthogonality_loss(nn.Linear(2, 2))
+        sl.orthogonality_loss(nn.Linear(2, 2))
 
 
 # ---------------------------------------------------------------------------------- regularizers
@@ -224,12 +226,12 @@ def test_orthogonality_gradient_matches_closed_form() -> None:
     """d/dU ‖UᵀU−I‖²_F = 4U(UᵀU−I), divided by r as the loss is; same for V."""
     layer = _random_linear_layer()
     f = st.factors(layer)
-    st.orthogonality_loss(layer).backward()
+    sl.orthogonality_loss(layer).backward()
     u, v = f.U.detach(), f.V.detach()
     r = f.s.numel()
     eye = torch.eye(r, dtype=torch.float64)
     value = (torch.linalg.matrix_norm(u.T @ u - eye) ** 2 + torch.linalg.matrix_norm(v.T @ v - eye) ** 2) / r
-    assert torch.allclose(st.orthogonality_loss(layer).detach(), value)
+    assert torch.allclose(sl.orthogonality_loss(layer).detach(), value)
     assert torch.allclose(f.U.grad, 4 * u @ (u.T @ u - eye) / r)
     assert torch.allclose(f.V.grad, 4 * v @ (v.T @ v - eye) / r)
     assert f.s.grad is None or not f.s.grad.any()
@@ -240,13 +242,13 @@ def test_sparsity_gradients_match_closed_form() -> None:
     layer = _random_linear_layer()
     f = st.factors(layer)
     s = f.s.detach()
-    st.sparsity_loss(layer, "l1").backward()
+    sl.sparsity_loss(layer, "l1").backward()
     assert torch.allclose(f.s.grad, torch.sign(s))
     f.s.grad = None
-    st.sparsity_loss(layer, "hoyer").backward()
+    sl.sparsity_loss(layer, "hoyer").backward()
     l1, l2 = s.abs().sum(), s.norm()
     assert torch.allclose(f.s.grad, torch.sign(s) / l2 - l1 * s / l2**3)
-    assert torch.allclose(st.sparsity_loss(layer, "hoyer").detach(), l1 / l2)
+    assert torch.allclose(sl.sparsity_loss(layer, "hoyer").detach(), l1 / l2)
     assert f.U.grad is None and f.V.grad is None
 
 
@@ -256,25 +258,25 @@ def test_regularizers_pass_gradcheck() -> None:
     u = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     v = torch.randn(9, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     s = torch.tensor([1.3, -0.8, 0.4, -0.2], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(st.orthogonality_penalty, (u, v))
-    assert torch.autograd.gradcheck(lambda t: st.sparsity_penalty(t, "l1"), (s,))
-    assert torch.autograd.gradcheck(lambda t: st.sparsity_penalty(t, "hoyer"), (s,))
+    assert torch.autograd.gradcheck(sl.orthogonality_penalty, (u, v))
+    assert torch.autograd.gradcheck(lambda t: sl.sparsity_penalty(t, "l1"), (s,))
+    assert torch.autograd.gradcheck(lambda t: sl.sparsity_penalty(t, "hoyer"), (s,))
 
 
 def test_regularization_sums_the_weighted_terms() -> None:
     """regularization = λ_o·L_o + λ_s·L_s over all layers; zero weights drop a term; all-zero s stays finite."""
     model = st.svd_parametrize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)))
     _sgd_steps_small(model)
-    cfg = st.SVDTrainingConfig(orth=0.5, sparsity_kind="hoyer", sparsity=0.25)
-    expected = 0.5 * st.orthogonality_loss(model) + 0.25 * st.sparsity_loss(model, "hoyer")
-    assert torch.allclose(st.regularization(model, cfg), expected)
-    manual = sum(st.sparsity_penalty(st.factors(m).s, "l1") for _, m in st.svd_layers(model))
-    assert torch.allclose(st.sparsity_loss(model, "l1"), manual)
-    zero = st.regularization(model, st.SVDTrainingConfig(orth=0.0, sparsity=0.0))
+    cfg = sl.SVDTrainingConfig(orth=0.5, sparsity_kind="hoyer", sparsity=0.25)
+    expected = 0.5 * sl.orthogonality_loss(model) + 0.25 * sl.sparsity_loss(model, "hoyer")
+    assert torch.allclose(sl.regularization(model, cfg), expected)
+    manual = sum(sl.sparsity_penalty(st.factors(m).s, "l1") for _, m in st.svd_layers(model))
+    assert torch.allclose(sl.sparsity_loss(model, "l1"), manual)
+    zero = sl.regularization(model, sl.SVDTrainingConfig(orth=0.0, sparsity=0.0))
     assert float(zero) == 0.0
     with torch.no_grad():
         st.factors(model[1]).s.zero_()
-    loss = st.sparsity_loss(model, "hoyer")
+    loss = sl.sparsity_loss(model, "hoyer")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(st.factors(model[1]).s.grad).all()
 
@@ -284,7 +286,7 @@ def _sgd_steps_small(model: nn.Module) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
-        loss = model(torch.randn(2, 3, 8, 8, generator=gen)).pow(2).mean() + st.sparsity_loss(model, "l1")
+        loss = model(torch.randn(2, 3, 8, 8, generator=gen)).pow(2).mean() + sl.sparsity_loss(model, "l1")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -380,7 +382,7 @@ def test_finalize_rejects_bad_ranks() -> None:
     model = st.svd_parametrize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)))
     with pytest.raises(TRPError, match="speed-up"):
         st.finalize_(model, trp.speedup(2.0))
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match=re.escape("rank must be an int, a {layer: rank} dict or a criterion")):
         st.finalize_(model, 1.5)  # type: ignore[arg-type]
     assert len(st.svd_layers(model)) == 1  # nothing was swapped
     with pytest.raises(TRPError, match="svd_parametrize_"):
@@ -439,7 +441,7 @@ def test_tied_layer_trains_and_finalizes_as_one() -> None:
     assert st.factors(model[4]).U is f.U
     before = f.s.detach().clone()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    loss = model(torch.randn(2, 3, 8, 8)).pow(2).mean() + st.sparsity_loss(model, "l1")
+    loss = model(torch.randn(2, 3, 8, 8)).pow(2).mean() + sl.sparsity_loss(model, "l1")
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -515,7 +517,7 @@ def test_ranks_reads_the_trained_spectrum() -> None:
     out = st.ranks(model, 0.9)
     assert out["1"] == (1, 8) and out["2"][1] == 4
     assert st.ranks(model, 1.0)["1"] == (2, 8)
-    with pytest.raises(TRPError):
+    with pytest.raises(TRPError, match="^energy must be <= 1, got 1.5$"):
         st.ranks(model, 1.5)
 
 
@@ -564,12 +566,12 @@ def test_training_on_cifar_lowers_ranks() -> None:
     model = st.svd_parametrize_(create("resnet20"), "channel")
     start = st.ranks(model, 0.99)
     start_mean = sum(k / r for k, r in start.values()) / len(start)
-    cfg = st.SVDTrainingConfig(orth=1.0, sparsity_kind="hoyer", sparsity=1.0)
+    cfg = sl.SVDTrainingConfig(orth=1.0, sparsity_kind="hoyer", sparsity=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for step, (x, y) in zip(range(60), _cifar_batches(64)):
         loss = F.cross_entropy(model(F.avg_pool2d(x, 2)), y)
-        total = loss + st.regularization(model, cfg)
+        total = loss + sl.regularization(model, cfg)
         opt.zero_grad()
         total.backward()
         opt.step()
@@ -607,12 +609,12 @@ def test_training_on_cifar_lowers_ranks() -> None:
 def test_config_validation(kwargs: dict, match: str) -> None:
     """Bad regularizer settings must fail early with a one-line TRPError naming the setting."""
     with pytest.raises(TRPError, match=match):
-        st.SVDTrainingConfig(**kwargs)
+        sl.SVDTrainingConfig(**kwargs)
 
 
 def test_config_defaults_and_frozen() -> None:
     """Defaults are the documented ones, numbers are normalized to float, and the config is frozen."""
-    cfg = st.SVDTrainingConfig(orth=1, sparsity=0)
+    cfg = sl.SVDTrainingConfig(orth=1, sparsity=0)
     assert (cfg.orth, cfg.sparsity_kind, cfg.sparsity) == (1.0, "hoyer", 0.0)
     assert not hasattr(cfg, "scheme")  # the layout is svd_parametrize_'s argument, not a regularizer weight
     assert isinstance(cfg.orth, float)
@@ -624,11 +626,15 @@ def test_config_defaults_and_frozen() -> None:
                                             (" HOYER:0 ", ("hoyer", 0.0))])
 def test_parse_sparsity(text: str, expected: tuple) -> None:
     """The --sparsity flag parses KIND:WEIGHT."""
-    assert st.parse_sparsity(text) == expected
+    assert sl.parse_sparsity(text) == expected
 
 
-@pytest.mark.parametrize("text", ["hoyer", "1e-3", "l2:1e-3", "hoyer:abc", "hoyer:-1", "l1:nan", "hoyer:inf", ""])
-def test_parse_sparsity_rejects(text: str) -> None:
+@pytest.mark.parametrize("text, message", [
+    ("hoyer", "sparsity must look like KIND:WEIGHT"), ("1e-3", "sparsity must look like KIND:WEIGHT"),
+    ("l2:1e-3", "sparsity must look like KIND:WEIGHT"), ("", "sparsity must look like KIND:WEIGHT"),
+    ("hoyer:abc", "sparsity weight in 'hoyer:abc' must be a number"), ("hoyer:-1", "sparsity weight in 'hoyer:-1' must be >= 0"),
+    ("l1:nan", "sparsity weight in 'l1:nan' must be finite"), ("hoyer:inf", "sparsity weight in 'hoyer:inf' must be finite")])
+def test_parse_sparsity_rejects(text: str, message: str) -> None:
     """Malformed --sparsity values raise TRPError rather than a traceback."""
-    with pytest.raises(TRPError):
-        st.parse_sparsity(text)
+    with pytest.raises(TRPError, match=f"^{re.escape(message)}"):
+        sl.parse_sparsity(text)

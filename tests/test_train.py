@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -37,12 +38,21 @@ def _one_thread():
 
 def test_config_validation() -> None:
     """Out-of-range and non-finite settings are refused when the config is built."""
-    for bad in ({"energy": 0}, {"energy": 1.01}, {"period": 0}, {"nuclear": -1e-4}, {"epochs": 0}, {"lr": float("nan")},
-                {"batch_size": 0}, {"model": "resnet21"}, {"dataset": "mnist"}, {"method": "prune"}, {"scheme": "tucker"},
-                {"method": "svd", "scheme": "decouple"}, {"method": "nuclear", "nuclear": 0.0}, {"epochs": 2.5}, {"speedup": 0.9},
-                {"speedup": float("inf")}, {"freeze": -1}, {"freeze": float("nan")},
-                {"method": "baseline", "speedup": 2.0}, {"method": "svd", "freeze": 1.0}):
-        with pytest.raises(TRPError):
+    cases = [({"energy": 0}, "energy must be > 0, got 0"), ({"energy": 1.01}, "energy must be <= 1, got 1.01"),
+             ({"period": 0}, "period must be >= 1, got 0"), ({"nuclear": -1e-4}, "nuclear must be >= 0, got -0.0001"),
+             ({"epochs": 0}, "epochs must be >= 1, got 0"), ({"lr": float("nan")}, "lr must be finite, got nan"),
+             ({"batch_size": 0}, "batch-size must be >= 1, got 0"), ({"model": "resnet21"}, "unknown model 'resnet21'"),
+             ({"dataset": "mnist"}, "unknown dataset 'mnist'"), ({"method": "prune"}, "unknown method 'prune'"),
+             ({"scheme": "tucker"}, "unknown scheme 'tucker'"),
+             ({"method": "svd", "scheme": "decouple"}, "method svd does not train in scheme 'decouple'"),
+             ({"method": "nuclear", "nuclear": 0.0}, "method nuclear needs --nuclear > 0"),
+             ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"), ({"speedup": 0.9}, "speedup must be >= 1, got 0.9"),
+             ({"speedup": float("inf")}, "speedup must be finite, got inf"), ({"freeze": -1}, "freeze must be >= 0, got -1"),
+             ({"freeze": float("nan")}, "freeze must be finite, got nan"),
+             ({"method": "baseline", "speedup": 2.0}, "speedup and freeze shape TRP's ranks; method baseline has none"),
+             ({"method": "svd", "freeze": 1.0}, "speedup and freeze shape TRP's ranks; method svd has none")]
+    for bad, message in cases:
+        with pytest.raises(TRPError, match=f"^{re.escape(message)}"):
             TrainConfig(**bad)
 
 

@@ -13,15 +13,17 @@ Example:
 from __future__ import annotations
 
 from trp import models
+from trp.attention import UnfusedMultiheadAttention, unfuse_attention_
 from trp.bn import fold_bn_
-from trp.structure import load
 from trp.decompose import decompose_, decompose_layer
 from trp.errors import TRPError
 from trp.hook import TRP, ramp
-from trp.measure import Profile, latency_ms, profile
+from trp.latency_budget import latency
+from trp.measure import Profile, cross_check, latency_ms, profile
 from trp.plan import LayerPlan, Plan, apply_plan, plan
 from trp.rank import energy, fixed, fraction, parse, speedup, value
 from trp.schemes import SCHEMES
+from trp.saving import load, save
 
 __version__ = "0.1.0"
 
@@ -32,13 +34,16 @@ __all__ = [
     "Plan",
     "Profile",
     "TRPError",
+    "UnfusedMultiheadAttention",
     "apply_plan",
+    "cross_check",
     "decompose_",
     "decompose_layer",
     "energy",
     "fixed",
     "fold_bn_",
     "fraction",
+    "latency",
     "latency_ms",
     "load",
     "models",
@@ -46,6 +51,8 @@ __all__ = [
     "plan",
     "profile",
     "ramp",
+    "save",
     "speedup",
+    "unfuse_attention_",
     "value",
 ]

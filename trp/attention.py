@@ -14,8 +14,6 @@ every name it is registered by). It changes the ``state_dict`` keys (``in_proj_w
 structural transform (kind ``unfuse-attention``), replayed before its weights are loaded.
 
 Example:
-    >>> torch.manual_seed(0) is not None
-    True
     >>> mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
     >>> x = torch.randn(2, 5, 16)
     >>> flat = UnfusedMultiheadAttention.from_fused(mha)

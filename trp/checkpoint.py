@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,6 +46,7 @@ __all__ = [
     "read_safetensors",
     "write_safetensors",
     "find_file",
+    "is_trp_file",
     "with_prefix",
     "strip_prefix",
     "optimizer_to_tensors",
@@ -62,6 +64,7 @@ MODEL_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 MODEL_PREFIX = "model."  # the model's state_dict keys are stored under this prefix
 CHECKSUM_KEY = "trp_sha256"
+_MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, Tensor], meta: dict) -> None:
@@ -149,6 +152,32 @@ def read_safetensors(path: str | Path, trust: bool = False) -> tuple[dict[str, T
     except Exception as err:  # safetensors raises its own error types for damaged payloads
         raise TRPError(f"{path} is damaged: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return tensors, meta
+
+
+def is_trp_file(path: str | Path) -> bool:
+    """True if ``path`` is a file whose safetensors header carries trp's metadata (reads the header only).
+
+    For refusing to write over a model or checkpoint whatever it is called; never raises.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "backup.bin")
+        >>> write_safetensors(p, {"w": torch.ones(2)}, {})
+        >>> is_trp_file(p), is_trp_file(os.path.dirname(p)), is_trp_file(p + ".missing")
+        (True, False, False)
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_MAX_HEADER, os.fstat(f.fileno()).st_size - 8):
+                return False
+            header = json.loads(f.read(header_len))
+        return isinstance(header, dict) and "trp" in (header.get("__metadata__") or {})
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
 
 
 def find_file(path: str | Path) -> Path:

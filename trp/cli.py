@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from trp import __version__, methods, schemes
+from trp import __version__, methods, schemes, sources
 from trp.compress import compress
 from trp.data import DATASETS
 from trp.data import load as load_data
@@ -28,7 +29,8 @@ from trp.loop import evaluate, resolve_device
 from trp.measure import profile
 from trp.models import names as model_names
 from trp.report import write_report
-from trp.structure import load_model
+from trp.saving import load_model
+from trp.surgery import LAYERS
 from trp.train import TrainConfig, load_config_file, train
 from trp.validate import argtype, number, whole
 
@@ -37,9 +39,9 @@ __all__ = ["main", "build_parser"]
 # argparse types: a finite number / a whole number (also 8.0 or 1e3); ranges are the library's checks.
 NUMBER, WHOLE = argtype(number), argtype(whole)
 # Train flags that map one to one onto TrainConfig fields.
-TRAIN_KEYS = ("model", "dataset", "data_dir", "download", "skip_bad_images", "method", "scheme", "energy",
-              "energy_ramp", "speedup", "freeze", "period", "nuclear", "orth", "sparsity", "epochs", "lr", "momentum",
-              "weight_decay", "batch_size", "schedule", "seed", "device", "amp")
+TRAIN_KEYS = ("model", "model_kwargs", "dataset", "data_dir", "download", "skip_bad_images", "method", "scheme",
+              "layers", "energy", "energy_ramp", "speedup", "freeze", "period", "nuclear", "orth", "sparsity", "epochs", "lr",
+              "momentum", "weight_decay", "batch_size", "schedule", "seed", "device", "amp")
 _TRP_ROOT = str(Path(__file__).resolve().parent)
 
 
@@ -52,14 +54,22 @@ def _add_train(sub: Any) -> None:
     svd_schemes = methods.SVDTraining.scheme_choices
     t = sub.add_parser("train", help=f"train a model ({', '.join(methods.names())})")
     t.add_argument("--config", help="JSON recipe (or a run's config.json); flags override it")
-    t.add_argument("--model", help=", ".join(model_names()))
+    t.add_argument("--model", help=f"{', '.join(model_names())}, or {sources.HELP} (random weights, never downloaded)")
+    t.add_argument("--model-kwargs", metavar="JSON", help="the source's keyword arguments as a JSON object, e.g. "
+                   "'{\"img_size\": 32, \"patch_size\": 4}' (python: sources run your module, as a script would)")
     t.add_argument("--dataset", help=f"{', '.join(DATASETS)} (default digits, offline)")
     t.add_argument("--data-dir")
     t.add_argument("--download", action="store_true", default=None, help="fetch CIFAR if the folder lacks it")
     t.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="image folders: leave unreadable images out (counted) instead of refusing the folder")
     t.add_argument("--method", help=", ".join(methods.names()))
-    t.add_argument("--scheme", help=f"{', '.join(methods.CONV_SCHEMES)} (svd: {', '.join(svd_schemes)})")
+    t.add_argument("--scheme", help=f"{', '.join(schemes.names())}, {schemes.AUTO} (channel for convs, linear for "
+                   "Linear layers) or several tried in order per layer, e.g. spatial,linear (default channel; "
+                   f"svd: one of {', '.join(svd_schemes)})")
+    t.add_argument("--layers", help=f"{' or '.join(LAYERS)}: the layers trp, nuclear and svd train and compress "
+                   "decomposes; convs (default, the paper's) = every Conv2d with groups=1 but the first; all = every "
+                   "conv and Linear layer a --scheme can handle, except the first conv and the last Linear (the "
+                   "classifier), e.g. for transformers (not svd)")
     t.add_argument("--energy", type=NUMBER)
     t.add_argument("--energy-ramp", type=NUMBER,
                    help="epochs over which the projection tightens from dense to --energy (or --speedup)")
@@ -102,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="decompose a trained run and measure it")
     c.add_argument("run")
     c.add_argument("--rank", default="value:0.05", help="value:T, energy:E, fixed:K, fraction:P or speedup:S")
-    c.add_argument("--scheme", help=f"{', '.join(schemes.names())} (default: the run's scheme)")
+    c.add_argument("--scheme", help=f"{', '.join(schemes.names())}, {schemes.AUTO} or a list such as spatial,linear "
+                   "(default: the run's scheme; layers: the run's --layers)")
     c.add_argument("--finetune", type=WHOLE, default=0, metavar="EPOCHS")
     c.add_argument("--finetune-lr", type=NUMBER, default=0.01)
     c.add_argument("--data-dir")
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-latency-check", action="store_true", help="keep layers even if they measure slower")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    c.add_argument("--trust", action="store_true", help="accept a model file without trp's checksum")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
 
     e = sub.add_parser("eval", help="test accuracy of a trained or compressed model")
@@ -125,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path", metavar="RUN_OR_MODEL")
     r.add_argument("--out", help="folder for the PNG plots (default: PATH/report)")
     r.add_argument("--scheme", help="matrix layout for the spectra (default: the run's)")
+    r.add_argument("--trust", action="store_true", help="accept a model file without trp's checksum")
 
     x = sub.add_parser("export", help="export a model to ONNX or TorchScript")
     x.add_argument("model")
@@ -149,19 +162,27 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if started:
             shutdown()
-    if lead:
+    if lead and summary["epochs_done"]:  # no summary of a run stopped before its first epoch ended
         _print_summary(summary)
     if summary["stopped"]:
         if lead:
-            run = summary["run"]
-            if summary["epochs_done"]:
-                advice = f"{run} keeps the state after epoch {summary['epochs_done']} (continue with: trp train --resume {run})"
-            else:  # nothing saved yet: the run starts again from its own recorded settings
-                advice = (f"no epoch was completed, so there is nothing to resume (start it again with: "
-                          f"trp train --config {Path(run) / 'config.json'} --out {run})")
-            print(f"trp: interrupted; {advice}", file=sys.stderr)
+            print(f"trp: interrupted; {_advice(summary)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _advice(summary: dict) -> str:
+    """The command that carries on after an interrupt (paths quoted for the shell)."""
+    run = summary["run"]
+    if not summary["epochs_done"]:  # nothing saved yet: the run starts again from its own recorded settings
+        return (f"no epoch was completed, so there is nothing to resume (start it again with: "
+                f"trp train --config {shlex.quote(str(Path(run) / 'config.json'))} --out {shlex.quote(run)})")
+    # A resume's new settings reach the checkpoint with the first epoch it completes; repeating them is
+    # harmless after that and needed before it.
+    flags = "".join(f" --{key.replace('_', '-')}" + ("" if value is True else f" {shlex.quote(str(value))}")
+                    for key, value in summary.get("changed", {}).items() if value is not None and value is not False)
+    return (f"{run} keeps the state after epoch {summary['epochs_done']} (continue with: "
+            f"trp train --resume {shlex.quote(run)}{flags})")
 
 
 def _train_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -207,7 +228,7 @@ def _report_table(r: dict) -> str:
 
 def _compress(args: argparse.Namespace) -> int:
     report = compress(args.run, args.out, args.rank, args.scheme, args.finetune, args.finetune_lr, args.data_dir,
-                      args.latency_batch, not args.no_latency_check, args.overwrite)
+                      args.latency_batch, not args.no_latency_check, args.overwrite, trust=args.trust)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -239,7 +260,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    print(write_report(args.path, args.out, args.scheme))
+    print(write_report(args.path, args.out, args.scheme, trust=args.trust))
     return 0
 
 

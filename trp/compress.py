@@ -36,12 +36,14 @@ from trp.errors import TRPError
 from trp.io import atomic_write_text
 from trp.loop import Loop, cosine_lr, evaluate, make_optimizer, resolve_device
 from trp.measure import latency_ms, profile
+from trp.methods import scheme_names
 from trp.plan import Plan, plan
-from trp.runs import check_writable, clear_run, contents, locked
-from trp.structure import ModelSpec, load_model, save_model
-from trp.surgery import FilterFn, default_filter, get_module
+from trp.runs import check_free, check_writable, clear_run, contents, locked
+from trp.structure import ModelSpec
+from trp.saving import load_model, save_model
+from trp.surgery import FilterFn, get_module, layer_filter
 from trp.svd_training import truncate_to_dense_
-from trp.validate import number, whole
+from trp.validate import boolean, number, whole
 
 __all__ = ["compress", "keep_faster", "finetune", "best_latency", "MAX_LATENCY_BATCH"]
 
@@ -129,6 +131,7 @@ def _check_out(out: Path, run: str | Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise TRPError(f"output {out} exists and is not a folder")
     check_writable(out)
+    check_free(out)  # another process writing there: say so, naming it, rather than "not empty"
     if contents(out) and not overwrite:
         raise TRPError(f"{out} is not empty; choose another --out or pass --overwrite")
     source = Path(run) if Path(run).is_dir() else Path(run).parent
@@ -137,10 +140,12 @@ def _check_out(out: Path, run: str | Path, overwrite: bool) -> None:
                        "choose another --out")
 
 
-def _dense_form(model: nn.Module, spec: ModelSpec, criterion: Any) -> tuple[nn.Module, ModelSpec, Any, FilterFn]:
-    """The model as dense layers, the criterion to plan with and the layers to plan."""
+def _dense_form(model: nn.Module, spec: ModelSpec, criterion: Any, scheme: tuple[str, ...],
+                layers: str) -> tuple[nn.Module, ModelSpec, Any, FilterFn]:
+    """The model as dense layers, the criterion to plan with and the layers to plan (the run's
+    ``layers`` choice, as it trained them)."""
     if spec.find("svd-parametrize") is None:
-        return model, spec, criterion, default_filter(model)
+        return model, spec, criterion, layer_filter(model, layers, scheme)
     # SVD training (Yang et al.) prunes by its own trained singular values: each layer becomes
     # the dense weight U_k diag(s_k) V_kᵀ, of rank k exactly, and then follows TRP's path, so
     # the decomposed modules and the plan are the same as for any other run.
@@ -155,10 +160,11 @@ def _fold(model: nn.Module, spec: ModelSpec) -> ModelSpec:
     return spec.then({"kind": "fold-bn", "pairs": pairs}) if pairs else spec
 
 
-def _decompose(model: nn.Module, spec: ModelSpec, scheme: str, criterion: Any, layer_filter: FilterFn,
+def _decompose(model: nn.Module, spec: ModelSpec, scheme: tuple[str, ...], criterion: Any, filter_fn: FilterFn,
                label: str, check_latency: bool, latency_batch: int, min_run_time: float,
                channels_last: bool) -> tuple[ModelSpec, Plan]:
-    p = plan(model, scheme, criterion, filter_fn=layer_filter, input_shape=spec.input_shape)
+    p = plan(model, scheme[0] if len(scheme) == 1 else scheme, criterion, filter_fn=filter_fn,
+             input_shape=spec.input_shape)
     p.criterion = label
     if check_latency:
         p = keep_faster(model, p, latency_batch, min_run_time / 3, channels_last=channels_last)
@@ -174,9 +180,10 @@ def _warn_if_degenerate(criterion: Any, p: Plan) -> None:
                       stacklevel=3)
 
 
-def _load_run(run: str | Path, data_dir: str | None) -> tuple[nn.Module, ModelSpec, dict, torch.device, Any]:
+def _load_run(run: str | Path, data_dir: str | None,
+              trust: bool = False) -> tuple[nn.Module, ModelSpec, dict, torch.device, Any]:
     """The run's model (on its device), spec and config, and its data (checked to fit)."""
-    model, spec, meta = load_model(run)
+    model, spec, meta = load_model(run, trust=trust)
     if spec.find("decompose") is not None:
         raise TRPError(f"{run} is already compressed")
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -228,6 +235,7 @@ def compress(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     min_run_time: float = 0.3,
+    trust: bool = False,
 ) -> dict:
     """Decompose a trained run (or model) and write the compressed model and its report.
 
@@ -235,7 +243,9 @@ def compress(
         run: A run folder (``checkpoint.safetensors``) or a model folder/file.
         out: Output folder.
         rank: A criterion or its text (``value:0.05``, ``energy:0.95``, ``fixed:8``, ``speedup:3``).
-        scheme: A name of :data:`trp.schemes.SCHEMES` (default: the run's own scheme).
+        scheme: A name of :data:`trp.schemes.SCHEMES`, ``auto``, or several tried in order per layer
+            (``spatial,linear``); default: the run's own scheme. Layers: those the run trained
+            (its config's ``layers``, :func:`trp.surgery.layer_filter`).
         finetune_epochs: Epochs of fine-tuning after decomposition (0: none, as TRP needs none).
         finetune_lr: Peak learning rate of that fine-tuning.
         data_dir: Data folder, if not the one the run was trained on.
@@ -244,6 +254,7 @@ def compress(
         overwrite: Replace what ``out`` holds (every file trp wrote there is removed).
         log: Where progress lines go.
         min_run_time: Seconds per whole-model latency measurement (a third of it per layer check).
+        trust: Accept a model file without trp's checksum (see :func:`trp.checkpoint.read_safetensors`).
 
     Returns:
         The report dict (also written to ``out/report.json``).
@@ -263,15 +274,16 @@ def compress(
     finetune_lr = number(finetune_lr, "finetune-lr", low=0.0, low_open=True)
     latency_batch = whole(latency_batch, "latency-batch", low=1, high=MAX_LATENCY_BATCH)
     if scheme is not None:
-        schemes.get(scheme)
+        scheme_names(scheme)
     out = Path(out)
     _check_out(out, run, overwrite)
-    model, spec, config, device, data = _load_run(run, data_dir)
+    model, spec, config, device, data = _load_run(run, data_dir, boolean(trust, "trust"))
     svd = spec.find("svd-parametrize")
     scheme = scheme or (svd["scheme"] if svd else None) or config.get("scheme", "channel")
+    names = scheme_names(scheme)
     with locked(out):
         acc_before, _ = evaluate(model, data)
-        model, spec, plan_rank, layer_filter = _dense_form(model, spec, criterion)
+        model, spec, plan_rank, layers = _dense_form(model, spec, criterion, names, config.get("layers", "convs"))
         dense_ref = copy.deepcopy(model.eval())
         fold_bn_(dense_ref)  # counted and timed like the result, with BatchNorm folded (MACs are the same either way)
         before = _measured(dense_ref, spec, latency_batch, min_run_time)
@@ -280,7 +292,7 @@ def compress(
         # as they will run; fine-tuning wants BN, so then it is folded into the decomposed model after.
         if finetune_epochs == 0:
             spec = _fold(model, spec)
-        spec, p = _decompose(model, spec, scheme, plan_rank, layer_filter, str(criterion), check_latency,
+        spec, p = _decompose(model, spec, names, plan_rank, layers, str(criterion), check_latency,
                              latency_batch, min_run_time, before[2] == "channels_last")
         _warn_if_degenerate(criterion, p)
         if finetune_epochs:

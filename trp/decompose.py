@@ -24,7 +24,7 @@ from trp import rank as rank_mod
 from trp import schemes
 from trp import svd as svd_mod
 from trp.errors import TRPError
-from trp.plan import Plan, SchemeArg, checked_module, plan
+from trp.plan import Plan, SchemeArg, low_rank_layers, plan
 from trp.surgery import FilterFn, replace_modules
 
 __all__ = ["decompose_", "decompose_layer"]
@@ -97,11 +97,5 @@ def decompose_(
     else:
         rank = rank_mod.parse(plan_or_rank) if isinstance(plan_or_rank, str) else plan_or_rank
         p = plan(model, "channel" if scheme is None else scheme, rank, filter_fn, input_shape)
-    replacements = {}
-    for lp in p.layers:
-        if lp.decomposed:
-            module = checked_module(model, lp)
-            sch = schemes.get(lp.scheme)
-            replacements[lp.name] = sch.build(module, lp.rank, sch.factorize(module.weight, lp.name))
-    replace_modules(model, replacements)
+    replace_modules(model, low_rank_layers(model, p))
     return model

@@ -14,7 +14,7 @@ from typing import Callable
 from trp.compress import compress
 from trp.errors import TRPError
 from trp.io import atomic_write_text
-from trp.runs import contents, locked
+from trp.runs import check_free, check_writable, contents, locked
 from trp.train import TrainConfig, train
 from trp.validate import whole
 
@@ -40,6 +40,8 @@ def run_demo(out: str | Path = "runs/demo", epochs: int = 30, overwrite: bool = 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TRPError(f"output {out} exists and is not a folder")
+    check_writable(out)  # before a minute of training, not after it
+    check_free(out)
     if contents(out) and not overwrite:
         raise TRPError(f"{out} is not empty; pass --overwrite or choose another --out")
     with locked(out):  # one demo at a time in a folder; each run and compression also locks its own

@@ -7,7 +7,10 @@ error, never a half-written file or an aborted interpreter), loaded back from th
 random batch; its outputs must match PyTorch's (ONNX through onnxruntime where it is installed),
 otherwise the export is an error. An existing ``out`` is replaced only with ``overwrite=True``,
 and never when it is one of the export's inputs (the model file, or any file of its folder or of
-the run it was compressed from).
+the run it was compressed from) or any trp model or checkpoint file (recognized by its header, so
+also from another working directory or under another name). ``out`` may not take the name of a
+file trp keeps in run and model folders (``model.safetensors``, ``config.json``, ...): an ONNX file
+there would hide the run's own. Whether ``out`` can be written is checked before the model is read.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from trp.checkpoint import find_file
+from trp.checkpoint import find_file, is_trp_file
 from trp.errors import TRPError
 from trp.io import atomic_write_bytes
-from trp.structure import load_model
+from trp.runs import RUN_FILES, check_writable
+from trp.saving import load_model
 from trp.validate import boolean, choice, number, whole
 
 __all__ = ["export", "FORMATS", "MAX_BATCH", "MAX_EXAMPLE"]
@@ -52,7 +56,8 @@ def export(model_path: str | Path, fmt: str, out: str | Path, batch_size: int = 
     Example:
         >>> import tempfile
         >>> from trp.models import create
-        >>> from trp.structure import ModelSpec, save_model
+        >>> from trp.structure import ModelSpec
+        >>> from trp.saving import save_model
         >>> d = tempfile.mkdtemp()
         >>> save_model(d + "/model.safetensors", create("resnet20"), ModelSpec("resnet20", 10, 3, [3, 32, 32]))
         >>> export(d, "torchscript", d + "/m.pt").startswith("wrote")
@@ -64,7 +69,7 @@ def export(model_path: str | Path, fmt: str, out: str | Path, batch_size: int = 
     overwrite, trust = boolean(overwrite, "overwrite"), boolean(trust, "trust")
     out = Path(out)
     source = find_file(model_path)
-    _check_out(out, [source], overwrite)  # before the model is even read: nothing to undo
+    _check_out(out, [source, *_inputs(source, {})], overwrite)  # before the model is even read: nothing to undo
     # TorchScript's deprecation notices and the exporters' internal warnings are not the user's concern.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -107,19 +112,25 @@ def _inputs(source: Path, meta: dict) -> list[Path]:
 
 
 def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work, an ``out`` that is a folder, an input, a trp file, or exists (unless overwrite)."""
     if out.is_dir():
         raise TRPError(f"--out {out} is a folder; give the file to write")
-    if not out.exists():
-        return
-    for p in inputs:
-        try:
-            same = os.path.samefile(out, p)
-        except OSError:
-            continue
-        if same:
-            raise TRPError(f"refusing to write over {p}: it belongs to the exported model's folder or to the run it "
-                           "came from; choose another --out")
-    if not overwrite:
+    if out.exists():
+        for p in inputs:
+            try:
+                same = os.path.samefile(out, p)
+            except OSError:
+                continue
+            if same:
+                raise TRPError(f"refusing to write over {p}: it belongs to the exported model's folder or to the run "
+                               "it came from; choose another --out")
+        if is_trp_file(out):  # e.g. a run's checkpoint named from another working directory
+            raise TRPError(f"refusing to write over {out}: it is a trp model or checkpoint file; choose another --out")
+    if out.name in RUN_FILES:
+        raise TRPError(f"refusing to write {out}: {out.name} is the name of a file trp keeps in run and model folders; "
+                       "give the exported model another name (e.g. model.onnx)")
+    check_writable(out.parent, out)
+    if out.exists() and not overwrite:
         raise TRPError(f"{out} exists; choose another --out or pass --overwrite")
 
 

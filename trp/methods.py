@@ -43,17 +43,44 @@ import torch
 from torch import Tensor, nn
 
 from trp import schemes
-from trp import svd_training
+from trp import svd_losses, svd_training
 from trp.errors import TRPError
 from trp.hook import TRP, Attachment, ramp
-from trp.surgery import default_filter
+from trp.surgery import LAYERS, FilterFn, layer_filter
 from trp.validate import MAX_WHOLE, choice
 
 __all__ = ["Method", "Baseline", "TrainedRankPruning", "NuclearNorm", "SVDTraining", "METHODS", "CONV_SCHEMES", "get",
-           "names", "epochs_to_steps"]
+           "names", "epochs_to_steps", "scheme_names", "run_filter"]
 
 #: The conv schemes a method can train in (schemes check a layer's type and groups only).
 CONV_SCHEMES: tuple[str, ...] = schemes.names_for(nn.Conv2d(1, 1, 1, device="meta"))
+
+
+def scheme_names(scheme: str) -> tuple[str, ...]:
+    """A run's ``scheme`` text (``channel``, ``auto``, ``spatial,linear``: tried in order per layer)
+    as checked names of :data:`trp.schemes.SCHEMES`; an unknown name is a one-line TRPError.
+
+    Example:
+        >>> scheme_names("channel"), scheme_names("spatial, linear")
+        (('channel',), ('spatial', 'linear'))
+    """
+    if not isinstance(scheme, str):
+        raise TRPError(f"scheme must be text such as 'channel', 'auto' or 'spatial,linear', got {scheme!r}")
+    return schemes.parse_names(tuple(part.strip() for part in scheme.split(",")))
+
+
+def run_filter(model: nn.Module, config: Any) -> FilterFn:
+    """The layers a run with ``config`` trains and compresses (:func:`trp.surgery.layer_filter` of its
+    ``layers``, default ``convs``, and its ``scheme``).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> f = run_filter(m, SimpleNamespace(scheme="auto", layers="all"))
+        >>> [name for name, mod in m.named_modules() if f(mod, name)]
+        ['1', '3']
+    """
+    return layer_filter(model, getattr(config, "layers", "convs"), scheme_names(config.scheme))
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -82,6 +109,9 @@ class Method:
     scheme_choices: ClassVar[tuple[str, ...]] = CONV_SCHEMES
     #: True when ``speedup`` and ``freeze`` shape the method's ranks (TRP's).
     shapes_ranks: ClassVar[bool] = False
+    #: True when the method takes exactly one of :attr:`scheme_choices` and the paper's convs only
+    #: (SVD training: its saved structure records one conv scheme); else any list of schemes and layers.
+    one_scheme: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -97,10 +127,13 @@ class Method:
             ...
             trp.errors.TRPError: speedup and freeze shape TRP's ranks; method baseline has none (use trp or nuclear)
         """
-        if config.scheme not in cls.scheme_choices:
-            choice(config.scheme, "scheme", CONV_SCHEMES)  # an unknown name is named as such
+        names_ = scheme_names(config.scheme)  # an unknown name is named as such
+        layers = choice(getattr(config, "layers", "convs"), "layers", LAYERS)
+        if cls.one_scheme and (len(names_) != 1 or names_[0] not in cls.scheme_choices):
             raise TRPError(f"method {cls.name} does not train in scheme {config.scheme!r}; "
                            f"choose one of: {', '.join(cls.scheme_choices)}")
+        if cls.one_scheme and layers != "convs":
+            raise TRPError(f"method {cls.name} trains the paper's convs only (--layers convs), not --layers {layers}")
         if not cls.shapes_ranks and (config.speedup is not None or config.freeze is not None):
             raise TRPError(f"speedup and freeze shape TRP's ranks; method {cls.name} has none (use trp or nuclear)")
 
@@ -178,7 +211,7 @@ class TrainedRankPruning(Method):
             energy = ramp(c.energy, n)
             speedup = ramp(c.speedup, n) if c.speedup is not None else None
         freeze = None if c.freeze is None else epochs_to_steps(c.freeze, steps_per_epoch)
-        self.reg = TRP(model, c.scheme, energy, c.period, c.nuclear, filter_fn=default_filter(model),
+        self.reg = TRP(model, scheme_names(c.scheme), energy, c.period, c.nuclear, filter_fn=run_filter(model, c),
                        project=self.project, speedup=speedup, freeze=freeze, input_shape=data.input_shape)
         return model
 
@@ -235,16 +268,17 @@ class SVDTraining(Method):
 
     name = "svd"
     scheme_choices = svd_training.training_schemes()
+    one_scheme = True
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        kind, weight = svd_training.parse_sparsity(config.sparsity)
-        self.losses = svd_training.SVDTrainingConfig(orth=config.orth, sparsity_kind=kind, sparsity=weight)
+        kind, weight = svd_losses.parse_sparsity(config.sparsity)
+        self.losses = svd_losses.SVDTrainingConfig(orth=config.orth, sparsity_kind=kind, sparsity=weight)
 
     @classmethod
     def check(cls, config: Any) -> None:
         super().check(config)
-        svd_training.parse_sparsity(config.sparsity)
+        svd_losses.parse_sparsity(config.sparsity)
 
     def prepare(self, model: nn.Module, data: Any, steps_per_epoch: int) -> nn.Module:
         return svd_training.svd_parametrize_(model, self.config.scheme)
@@ -253,7 +287,7 @@ class SVDTraining(Method):
         return {"kind": "svd-parametrize", "scheme": self.config.scheme}
 
     def extra_loss(self, model: nn.Module) -> Tensor | None:
-        return svd_training.regularization(model, self.losses)
+        return svd_losses.regularization(model, self.losses)
 
     def ranks(self, model: nn.Module) -> dict[str, int]:
         return {name: k for name, (k, _) in svd_training.ranks(model).items()}

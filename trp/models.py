@@ -7,6 +7,10 @@ projections) and 40,551,040 multiply-accumulates on a 32x32 image.
 VGG-16 is the usual CIFAR variant with batch norm and a single linear classifier. ResNet-18/50 come
 from torchvision, which is imported only when one of them is asked for.
 
+Beyond the zoo, :func:`create` builds any architecture from a source (:mod:`trp.sources`):
+``torchvision:NAME``, ``timm:NAME``, ``hf:CONFIG.json`` or ``python:MODULE:FUNCTION``, with
+keyword arguments as JSON; this module is the one place a source string is resolved.
+
 Example:
     >>> import torch
     >>> model = create("resnet20")
@@ -17,23 +21,30 @@ Example:
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trp import sources
 from trp.errors import TRPError
+from trp.sources import SOURCES, HFClassifier
 
 __all__ = [
     "MODELS",
+    "SOURCES",
     "BasicBlock",
+    "HFClassifier",
     "ResNetCifar",
     "VGGCifar",
     "ZeroPadShortcut",
+    "check",
+    "check_source",
     "create",
     "default_input_size",
     "names",
+    "portable_kwargs",
 ]
 
 _VGG16_CFG: list[int | str] = [
@@ -230,26 +241,7 @@ def _vgg16(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
 
 def _torchvision_resnet(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    # Imported here so that `import trp` (and the CIFAR models) never need torchvision.
-    try:
-        import torchvision.models as tvm
-    except ImportError as err:
-        raise TRPError(f"model '{name}' needs torchvision: pip install torchvision") from err
-    model: nn.Module = getattr(tvm, name)(weights=None, num_classes=num_classes)
-    if in_channels != 3:
-        old = model.conv1
-        assert isinstance(old, nn.Conv2d)
-        model.conv1 = nn.Conv2d(
-            in_channels,
-            old.out_channels,
-            kernel_size=old.kernel_size,  # type: ignore[arg-type]
-            stride=old.stride,  # type: ignore[arg-type]
-            padding=old.padding,  # type: ignore[arg-type]
-            bias=old.bias is not None,
-        )
-        # Match torchvision's own init for convs so the replacement is not the odd one out.
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-    return model
+    return sources.build("torchvision", name, num_classes, in_channels, {})
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -279,30 +271,97 @@ def names() -> list[str]:
     return list(MODELS)
 
 
-def _check_name(name: str) -> None:
-    if name not in MODELS:
-        raise TRPError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-
-
 def _check_positive(label: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise TRPError(f"{label} must be a positive integer, got {value!r}")
 
 
-def create(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Build a freshly initialised model by name.
+def check_source(source: Any, what: str = "model") -> str:
+    """A model source, checked without running any user code: a zoo name (:func:`names`) or one of
+    ``torchvision:NAME``, ``timm:NAME``, ``hf:CONFIG.json``, ``python:MODULE:FUNCTION`` (see
+    :func:`trp.sources.check_name`; a ``python:`` module is imported by :func:`create` only).
+
+    Example:
+        >>> check_source("torchvision:mobilenet_v2")
+        'torchvision:mobilenet_v2'
+        >>> check_source("torchvision:mobilenet_v9")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        trp.errors.TRPError: unknown torchvision classification model 'mobilenet_v9' (did you mean mobilenet_v2, ...?); see torchvision.models.list_models(module=torchvision.models)
+    """
+    if not isinstance(source, str) or ":" not in source and source not in MODELS:
+        raise TRPError(f"unknown {what} {source!r}; choose one of: {', '.join(MODELS)}, or {sources.HELP}")
+    kind, rest = sources.split(source)
+    if kind:
+        sources.check_name(kind, rest, source, what)
+    return source
+
+
+def check(source: Any, kwargs: Any = None, what: str = "model") -> dict:
+    """Check a source and its kwargs (a JSON object or its text, see :func:`trp.sources.check_kwargs`);
+    returns the kwargs as a plain dict. Zoo models take none.
+
+    Example:
+        >>> check("timm:vit_tiny_patch16_224", '{"img_size": 32}')
+        {'img_size': 32}
+        >>> check("resnet20", {"width": 2})
+        Traceback (most recent call last):
+        ...
+        trp.errors.TRPError: model 'resnet20' takes no model-kwargs (they are for torchvision:NAME, timm:NAME, hf:CONFIG.json or python:MODULE:FUNCTION)
+    """
+    kind, _ = sources.split(check_source(source, what))
+    out = sources.check_kwargs(kind, kwargs)
+    if out and not kind:
+        raise TRPError(f"model {source!r} takes no model-kwargs (they are for {sources.HELP})")
+    return out
+
+
+def portable_kwargs(source: str, kwargs: Mapping[str, Any] | None = None) -> dict:
+    """The kwargs to record in a model file so that the file alone rebuilds the model: for
+    ``hf:CONFIG.json`` the file's config with the overrides applied (``{"config": {...}}``);
+    other sources' kwargs as :func:`check` returns them.
+
+    Example:
+        >>> portable_kwargs("timm:resnet18", {"drop_rate": 0.1})
+        {'drop_rate': 0.1}
+    """
+    out = check(source, kwargs)
+    kind, rest = sources.split(source)
+    return sources.portable(kind, rest, out) if kind else out
+
+
+def create(source: str, /, num_classes: int = 10, in_channels: int = 3, **kwargs: Any) -> nn.Module:
+    """Build a freshly initialised model (random weights: nothing is ever downloaded).
+
+    ``source`` is one of:
+
+    * a zoo name (:func:`names`), e.g. ``"resnet56"`` (no kwargs);
+    * ``torchvision:NAME``: ``torchvision.models.get_model(NAME, weights=None, num_classes=...,
+      **kwargs)``, a classification model; for ``in_channels != 3`` its first conv is rebuilt;
+    * ``timm:NAME``: ``timm.create_model(NAME, pretrained=False, num_classes=..., in_chans=...,
+      **kwargs)`` (needs ``pip install timm``);
+    * ``hf:CONFIG.json``: a transformers image classifier built from a local config file
+      (``AutoModelForImageClassification.from_config``, never remote code), kwargs overriding the
+      file's fields, or ``config={...}`` holding the whole config instead of the file (so model
+      files are self-contained, see :func:`portable_kwargs`); wrapped in
+      :class:`~trp.sources.HFClassifier` (needs ``pip install transformers``);
+    * ``python:MODULE:FUNCTION``: the user's own factory, called with the kwargs plus
+      ``num_classes``/``in_channels`` where its signature takes them. **This imports and runs
+      MODULE**: loading a model file with a ``python:`` source is the same trust as running a
+      script, so do it only with files you chose; the module must be importable from ``sys.path``
+      or the current folder (nothing is ever unpickled).
 
     Args:
-        name: One of :func:`names`, e.g. ``"resnet56"``.
+        source: The model source.
         num_classes: Number of output logits (>= 1).
         in_channels: Channels of the input image (>= 1), e.g. 1 for grayscale digits.
+        **kwargs: The source's keyword arguments (JSON values; see :func:`check_kwargs`).
 
     Returns:
-        The model, in training mode, on the CPU.
+        The model, in training mode, on the CPU (or the current default device).
 
     Raises:
-        TRPError: If the name is unknown, a size is not a positive integer, or torchvision is
-            missing for a torchvision model.
+        TRPError: If the source or its kwargs are bad, a package is missing, or building fails.
 
     Example:
         >>> import torch
@@ -311,15 +370,27 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
         torch.Size([4, 10])
         >>> sum(p.numel() for p in create("resnet20").parameters())
         269722
+        >>> create("torchvision:mobilenet_v2", num_classes=5, in_channels=1)(torch.zeros(2, 1, 32, 32)).shape
+        torch.Size([2, 5])
     """
-    _check_name(name)
+    kwargs = check(source, kwargs)
     _check_positive("num_classes", num_classes)
     _check_positive("in_channels", in_channels)
-    return MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    kind, rest = sources.split(source)
+    if not kind:
+        return MODELS[source](num_classes=num_classes, in_channels=in_channels)
+    return sources.build(kind, rest, num_classes, in_channels, kwargs)
+
+
+def _check_name(name: str) -> None:
+    if name not in MODELS:
+        raise TRPError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
 
 
 def default_input_size(name: str) -> int:
-    """Return the image side a model was designed for (informational only).
+    """Return the image side a zoo model was designed for (informational only).
+
+    Other sources declare theirs on the model (see :func:`trp.measure.default_input_shape`).
 
     Args:
         name: One of :func:`names`.

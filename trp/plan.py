@@ -32,8 +32,8 @@ from trp import rank as rank_mod
 from trp import schemes
 from trp.errors import TRPError
 from trp.io import atomic_write_text
-from trp.measure import Trace, sample_shape, trace
 from trp.surgery import FilterFn, get_module, replace_modules
+from trp.tracing import Trace, sample_shape, trace
 
 __all__ = ["LayerPlan", "Plan", "Candidate", "SchemeArg", "plan", "rank_costs", "apply_plan", "checked_module",
            "low_rank_layers", "MHA_REASON", "FUNCTIONAL_REASON", "UNUSED_REASON"]
@@ -156,7 +156,8 @@ class Plan:
             note = "" if lp.decomposed else f"dense: {lp.reason}"
             lines.append(f"{lp.name:<{width}}  {lp.scheme or '-':<8} {rk:>9} {en:>7} {lp.macs_before:>12,} {after:>12,}  {note}")
         if self.product_macs > 0:
-            lines.append(f"(activation products such as attention scores: {self.product_macs:,} MACs, not decomposable)")
+            products = f"{self.product_macs:,}"
+            lines.append(f"(activation products such as attention scores: {products} MACs, not decomposable)")
         lines.append(
             f"model: MACs {self.macs_before:,} -> {self.macs_after:,} ({self.speedup:.2f}x), "
             f"params {self.params_before:,} -> {self.params_after:,} ({self.criterion}, input {tuple(self.input_shape)})"
@@ -303,8 +304,9 @@ def plan(
     for c in cands:
         c.spectrum = c.scheme.singular_values(c.module.weight, c.name)
     spectra = {c.name: c.spectrum for c in cands}
-    if hasattr(criterion, "solve"):  # a whole-model budget (trp.speedup, trp.latency) allocates rank jointly
-        ranks = criterion.solve(cands, result.macs_before)
+    budget = hasattr(criterion, "solve")  # a whole-model budget (trp.speedup, trp.latency) allocates rank jointly
+    if budget:
+        ranks = criterion.solve(cands, result.macs_before, model=model, input_shape=result.input_shape)
     elif isinstance(criterion, dict):  # explicit per-layer ranks (e.g. from SVD training's pruning)
         ranks = {n: min(criterion[n], int(s.numel())) if n in criterion else None for n, s in spectra.items()}
     else:
@@ -319,6 +321,8 @@ def plan(
         lp.params_after = k * c.scheme.params_per_rank(c.module) + bias
         if isinstance(criterion, dict) and lp.name not in criterion:
             lp.reason = "no rank given for it in the per-layer ranks"
+        elif budget and ranks[lp.name] is None and not isinstance(criterion, rank_mod.Speedup):
+            lp.reason = f"{criterion} keeps it dense: no allowed rank of it is faster than dense"
         elif lp.macs_after >= lp.macs_before:
             lp.reason = f"rank {k} does not lower its MACs ({lp.macs_after:,} >= {lp.macs_before:,} dense)"
     _count_tied_once(model, result)

@@ -9,8 +9,8 @@ Each criterion is a small frozen dataclass validated in ``__post_init__``. Per-l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, Union
+from dataclasses import dataclass, fields
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ __all__ = [
     "BudgetLayer",
     "solve_budget",
     "rank_one_speedup",
+    "last_within",
 ]
 
 
@@ -70,9 +71,21 @@ def kept_energy(s: Tensor, k: int) -> float:
     return 1.0 if total == 0.0 else float(power[:k].sum()) / total
 
 
+class _Written:
+    """``str()`` as the command line writes a criterion: ``label:value`` (see :func:`parse`)."""
+
+    label: ClassVar[str] = ""
+
+    def __str__(self) -> str:
+        (value,) = (getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+        return f"{self.label}:{value:g}"
+
+
 @dataclass(frozen=True)
-class Energy:
+class Energy(_Written):
     """Keep the smallest rank holding a fraction ``e`` of the spectrum's energy."""
+
+    label = "energy"
 
     e: float
 
@@ -83,13 +96,12 @@ class Energy:
     def select(self, s: Tensor) -> int:
         return energy_rank(s, self.e)
 
-    def __str__(self) -> str:
-        return f"energy:{self.e:g}"
-
 
 @dataclass(frozen=True)
-class Value:
+class Value(_Written):
     """Keep singular values σ_i ≥ t (the paper's code decomposes TRP nets with t = 0.05)."""
+
+    label = "value"
 
     t: float
 
@@ -100,13 +112,12 @@ class Value:
     def select(self, s: Tensor) -> int:
         return max(1, int((s >= self.t).sum()))
 
-    def __str__(self) -> str:
-        return f"value:{self.t:g}"
-
 
 @dataclass(frozen=True)
-class Fixed:
+class Fixed(_Written):
     """Keep ``k`` singular values (capped at full rank)."""
+
+    label = "fixed"
 
     k: int
 
@@ -116,13 +127,12 @@ class Fixed:
     def select(self, s: Tensor) -> int:
         return min(self.k, s.numel())
 
-    def __str__(self) -> str:
-        return f"fixed:{self.k}"
-
 
 @dataclass(frozen=True)
-class Fraction:
+class Fraction(_Written):
     """Keep ``ceil(p · full rank)`` singular values."""
+
+    label = "fraction"
 
     p: float
 
@@ -133,13 +143,12 @@ class Fraction:
     def select(self, s: Tensor) -> int:
         return max(1, min(s.numel(), math.ceil(self.p * s.numel() - 1e-9)))
 
-    def __str__(self) -> str:
-        return f"fraction:{self.p:g}"
-
 
 @dataclass(frozen=True)
-class Speedup:
+class Speedup(_Written):
     """A whole-model target: total MACs fall by ``s``× (solved jointly over layers)."""
+
+    label = "speedup"
 
     s: float
 
@@ -147,12 +156,10 @@ class Speedup:
         s = number(self.s, "speed-up", low=1.0)
         object.__setattr__(self, "s", s)
 
-    def __str__(self) -> str:
-        return f"speedup:{self.s:g}"
-
-    def solve(self, layers: Sequence[Any], total: float) -> dict[str, int | None]:
+    def solve(self, layers: Sequence[Any], total: float, **context: Any) -> dict[str, int | None]:
         """Ranks for this budget over layers with ``name``, ``spectrum``, ``cost`` (MACs per rank) and
-        ``dense`` (MACs) attributes, the whole model costing ``total`` MACs (see :func:`solve_budget`)."""
+        ``dense`` (MACs) attributes, the whole model costing ``total`` MACs (see :func:`solve_budget`).
+        ``context`` (the model, its input shape) is what other budgets, e.g. ``trp.latency``, need."""
         return solve_budget([BudgetLayer(c.name, c.spectrum, c.cost, c.dense) for c in layers], total, self.s)
 
 
@@ -244,8 +251,8 @@ def resolve(rank: RankArg, default: Criterion | None = None) -> Criterion | dict
     """
     if rank is None:
         return default if default is not None else Energy(0.9)
-    if isinstance(rank, (Energy, Value, Fixed, Fraction, Speedup)):
-        return rank
+    if isinstance(rank, (Energy, Value, Fixed, Fraction, Speedup)) or callable(getattr(rank, "solve", None)):
+        return rank  # a criterion, or another whole-model budget such as trp.latency(s)
     if isinstance(rank, bool):
         raise TRPError(f"{_RANK_HELP}, got {rank!r}")
     if isinstance(rank, int):
@@ -278,6 +285,33 @@ def rank_one_speedup(layers: Sequence[BudgetLayer], total: float) -> float:
     """
     best = total - sum(lay.dense - lay.cost for lay in layers if lay.cost < lay.dense)
     return total / max(best, 1e-12)
+
+
+T = TypeVar("T")
+
+
+def last_within(thresholds: Sequence[float], allocate: Callable[[float], tuple[T, float]], budget: float,
+                start: tuple[T, float]) -> tuple[T, float]:
+    """The allocation at the last of the descending ``thresholds`` whose cost stays within ``budget``.
+
+    ``allocate(λ) -> (allocation, cost)`` keeps every option worth at least λ per unit of cost, so
+    the cost grows as λ falls and a binary search finds the lowest λ (the most rank) that fits;
+    ``start`` is returned when none does. Shared by the MACs and the time budgets.
+
+    Example:
+        >>> last_within([3.0, 2.0, 1.0], lambda lam: (lam, 10 / lam), 6.0, ("none", 0.0))
+        (2.0, 5.0)
+    """
+    best = start
+    lo, hi = 0, len(thresholds) - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        chosen = allocate(thresholds[mid])
+        if chosen[1] <= budget:
+            best, lo = chosen, mid + 1
+        else:
+            hi = mid - 1
+    return best
 
 
 def solve_budget(layers: Sequence[BudgetLayer], total: float, target: float) -> dict[str, int | None]:
@@ -327,14 +361,7 @@ def solve_budget(layers: Sequence[BudgetLayer], total: float, target: float) -> 
             f"speed-up {target:g}x is out of reach: with every decomposable layer at rank 1 the model runs "
             f"{total / best_cost:.2f}x fewer MACs"
         )
-    lo, hi = 0, len(lams) - 1  # find the last λ (most rank) whose total stays within budget
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        ranks, cost = ranks_at(lams[mid])
-        if cost <= budget:
-            best, best_cost, lo = ranks, cost, mid + 1
-        else:
-            hi = mid - 1
+    best, best_cost = last_within(lams, ranks_at, budget, (best, best_cost))
     # A dense switch can make the next threshold jump by up to a layer's whole cost; fill what is
     # left of the budget one rank at a time, best energy per unit of cost first, taking a last step
     # past the budget only when that lands closer to it (coarse steps, as in ``decouple``, need that).

@@ -6,6 +6,7 @@ model (its decomposed layers are composed back to dense weights to read their sp
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -15,8 +16,9 @@ from torch.nn.utils import parametrize
 from trp import rank as rank_mod
 from trp import schemes
 from trp.errors import TRPError
+from trp.io import atomic_write_bytes
 from trp.plan import Plan
-from trp.structure import ModelSpec, load_model, save_model
+from trp.saving import load_model
 
 __all__ = ["layer_spectra", "write_report"]
 
@@ -54,18 +56,23 @@ def _save(plt: object, fig: object, ax: object, path: Path, series: int) -> Path
     if series <= 20:  # beyond that a legend hides the lines
         ax.legend(fontsize=5, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()  # rendered in memory, then written atomically: a crash leaves no half image
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
     return path
 
 
-def write_report(path: str | Path, out: str | Path | None = None, scheme: str | None = None) -> str:
+def write_report(path: str | Path, out: str | Path | None = None, scheme: str | None = None,
+                 trust: bool = False) -> str:
     """Write ``spectra.png`` (and ``ranks.png`` for runs with a rank history); return the table.
 
     Example:
         >>> import tempfile
         >>> from trp.models import create
         >>> d = tempfile.mkdtemp()
+        >>> from trp.structure import ModelSpec
+        >>> from trp.saving import save_model
         >>> save_model(d + "/model.safetensors", create("resnet20"), ModelSpec("resnet20", 10, 3, [3, 32, 32]))
         >>> "layer1.0.conv1" in write_report(d)
         True
@@ -78,11 +85,12 @@ def write_report(path: str | Path, out: str | Path | None = None, scheme: str | 
     except ImportError:
         raise TRPError("trp report needs matplotlib: pip install matplotlib") from None
     path = Path(path)
-    model, spec, meta = load_model(path)
+    model, spec, meta = load_model(path, trust=trust)
     decomposed = spec.find("decompose")
     plan = Plan.from_dict(decomposed["plan"]) if decomposed else None
-    layout = scheme or meta.get("config", {}).get("scheme") or "channel"
     conv_schemes = schemes.names_for(nn.Conv2d(1, 1, 3))
+    trained = str(meta.get("config", {}).get("scheme") or "channel").split(",")  # "auto" or "spatial,linear" too
+    layout = scheme or next((n for n in trained if n in conv_schemes), "channel")  # convs read in the run's layout
     if layout not in conv_schemes:
         raise TRPError(f"unknown scheme {layout!r}; choose one of: {', '.join(conv_schemes)}")
     spectra = layer_spectra(model, layout, plan)

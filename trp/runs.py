@@ -2,7 +2,8 @@
 
 * :func:`locked`: a process holds a folder while it writes there (``fcntl.flock`` on
   ``.trp.lock``, released by the kernel when the process dies, SIGKILL included); a second process
-  stops with one line naming the holder's pid.
+  stops with one line naming the holder's pid. :func:`check_free` asks the same question without
+  taking the folder, so a reader (``--resume``) can say "in use" rather than judge a run mid-write.
 * :func:`clear_run`: ``--overwrite`` removes every file trp writes in a folder (:data:`RUN_FILES`:
   checkpoint, metrics, compressed model, plan, reports) and the temporaries a killed write left,
   so the folder then holds exactly the new run or model; nothing else in it is touched.
@@ -38,7 +39,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: folders are not locked
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["locked", "clear_run", "check_writable", "contents", "RUN_FILES", "LOCK_FILE"]
+__all__ = ["locked", "check_free", "clear_run", "check_writable", "contents", "RUN_FILES", "LOCK_FILE"]
 
 #: Everything trp writes into a run or model folder; ``--overwrite`` removes them all first.
 RUN_FILES = (CHECKPOINT_FILE, MODEL_FILE, "config.json", "metrics.csv", "plan.json", "report.json",
@@ -61,8 +62,10 @@ def contents(folder: str | Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.name != LOCK_FILE and not is_temp_name(p.name)}
 
 
-def check_writable(folder: str | Path) -> None:
+def check_writable(folder: str | Path, target: str | Path | None = None) -> None:
     """Refuse, before any work, a folder that cannot be created or written (one line naming the path).
+
+    ``target`` is what the message says cannot be written (default ``folder``), e.g. a file to go in it.
 
     Example:
         >>> import tempfile, os
@@ -73,13 +76,50 @@ def check_writable(folder: str | Path) -> None:
         trp.errors.TRPError: cannot write .../file/run: .../file is a file, not a folder
     """
     folder = Path(folder)
+    target = folder if target is None else target
     p = folder
     while not p.exists() and p.parent != p:
         p = p.parent
     if not p.is_dir():
-        raise TRPError(f"cannot write {folder}: {p} is a file, not a folder")
+        raise TRPError(f"cannot write {target}: {p} is a file, not a folder")
     if not os.access(p, os.W_OK | os.X_OK):
-        raise TRPError(f"cannot write {folder}: permission denied in {p}")
+        raise TRPError(f"cannot write {target}: {p} is not writable (permission denied, or a read-only file system)")
+
+
+def _in_use(path: Path, fd: int) -> TRPError:
+    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    return TRPError(f"{path.parent} is in use by another trp process (pid {holder}); wait for it to end, "
+                    "or choose another folder")
+
+
+def check_free(folder: str | Path) -> None:
+    """Raise the TRPError :func:`locked` would if another process holds ``folder``; take nothing.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> check_free(d)
+        >>> with locked(d):
+        ...     try:
+        ...         check_free(d)
+        ...     except TRPError as err:
+        ...         print("in use by another trp process" in str(err))
+        True
+    """
+    path = Path(folder) / LOCK_FILE
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file (no holder), or an unreadable one: locked() will say
+        return
+    try:
+        # A shared lock is granted unless someone holds the exclusive one; it is dropped at once.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise _in_use(path, fd) from None
+    finally:
+        os.close(fd)
 
 
 def _acquire(path: Path) -> int:
@@ -90,10 +130,9 @@ def _acquire(path: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            err = _in_use(path, fd)
             os.close(fd)
-            raise TRPError(f"{path.parent} is in use by another trp process (pid {holder}); wait for it to end, "
-                           "or choose another folder") from None
+            raise err from None
         try:
             current: os.stat_result | None = os.stat(path)
         except FileNotFoundError:

@@ -37,7 +37,6 @@ import contextlib
 import copy
 import importlib.util
 import io
-import logging
 import os
 import shutil
 import signal
@@ -52,8 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from trp.errors import TRPError
-from trp.measure import sample_shape
-from trp.validate import number, whole
+from trp.measure import benchmark_module, sample_shape
+from trp.validate import choice, number, whole
 
 __all__ = ["Runtime", "RUNTIMES", "SEED", "COMPILE_TIMEOUT", "Timings", "names", "get", "available",
            "example_input", "time_call", "measure", "measure_all", "best", "table"]
@@ -243,10 +242,7 @@ def get(name: str) -> Runtime:
         >>> get("torchscript").about
         'TorchScript trace + freeze'
     """
-    runtime = RUNTIMES.get(name) if isinstance(name, str) else None
-    if runtime is None:
-        raise TRPError(f"unknown runtime {name!r}; choose one of: {', '.join(RUNTIMES)}")
-    return runtime
+    return RUNTIMES[choice(name, "runtime", tuple(RUNTIMES))]
 
 
 def available() -> dict[str, str | None]:
@@ -272,19 +268,6 @@ def example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int)
     return torch.randn(batch_size, *input_shape, generator=gen).to(device=device, dtype=dtype)
 
 
-def _benchmark() -> Any:  # the same import as trp.measure.latency_ms
-    # Importing torch.utils.benchmark loads cpp_extension, which warns about CUDA_HOME on CPU-only
-    # machines that merely have a CUDA toolkit folder; that warning says nothing about timing.
-    ext_log = logging.getLogger("torch.utils.cpp_extension")
-    level = ext_log.level
-    ext_log.setLevel(logging.ERROR)
-    try:
-        from torch.utils import benchmark
-    finally:
-        ext_log.setLevel(level)
-    return benchmark
-
-
 def time_call(run: Run, threads: int | None = None, min_run_time: float = 0.3) -> float:
     """Median wall time of one ``run()`` in milliseconds: the method of :func:`trp.measure.latency_ms`.
 
@@ -297,7 +280,7 @@ def time_call(run: Run, threads: int | None = None, min_run_time: float = 0.3) -
         >>> time_call(lambda: sum(range(100)), min_run_time=0.01) > 0
         True
     """
-    benchmark = _benchmark()
+    benchmark = benchmark_module()
     timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads or torch.get_num_threads())
     start = time.perf_counter()
     timer.timeit(3)  # warm-up: allocator, oneDNN primitive caches, TorchScript's profiling runs

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from trp import svd as svd_mod
 from trp.errors import TRPError
+from trp.validate import choice
 
 __all__ = ["Scheme", "SCHEMES", "AUTO", "get", "names", "names_for", "default_for", "parse_names", "applicable",
            "is_hf_conv1d", "Factors"]
@@ -340,10 +341,7 @@ def get(name: str) -> Scheme:
         >>> get("channel").name
         'channel'
     """
-    scheme = SCHEMES.get(name) if isinstance(name, str) else None
-    if scheme is None:
-        raise TRPError(f"unknown scheme {name!r}; choose one of: {', '.join(SCHEMES)}")
-    return scheme
+    return SCHEMES[choice(name, "scheme", tuple(SCHEMES))]
 
 
 def names(batched: bool | None = None) -> tuple[str, ...]:
@@ -388,8 +386,10 @@ def parse_names(scheme: str | Sequence[str]) -> tuple[str, ...]:
         (('channel',), ('spatial', 'auto'))
     """
     names_ = (scheme,) if isinstance(scheme, str) else tuple(scheme) if isinstance(scheme, Sequence) else None
-    if not names_:
+    if names_ is None:
         raise TRPError(f"scheme must be a scheme name or a list of them, got {scheme!r}")
+    if not names_:
+        raise TRPError("no scheme given")
     for name in names_:
         if name != AUTO:
             get(name)

@@ -1,29 +1,27 @@
 """A model's structure as data: the architecture plus an ordered list of transforms, replayed.
 
 A trained or compressed model is stored without pickled modules: its file holds the weights and a
-:class:`ModelSpec`, i.e. the architecture (``arch``, ``num_classes``, ``in_channels``) and the
-structural changes made to it, in order, as JSON objects::
+:class:`ModelSpec`, i.e. the architecture (``arch``: a source of :func:`trp.models.create` such as
+``resnet20`` or ``timm:vit_tiny_patch16_224``, its JSON ``kwargs``, ``num_classes``,
+``in_channels``; or ``"instance"`` for a model :func:`save` wrote from an instance, rebuilt on one
+the user passes) and the structural changes made to it, in order, as JSON objects::
 
+    {"kind": "unfuse-attention", "names": ["enc.attn"]} # nn.MultiheadAttention as 4 Linears (trp.attention)
     {"kind": "svd-parametrize", "scheme": "channel"}   # SVD training (trp.svd_training)
     {"kind": "fold-bn", "pairs": [["conv1", "bn1"]]}   # BatchNorm folded into convs (trp.bn)
     {"kind": "decompose", "plan": {...}}               # a trp.plan.Plan.to_dict() (trp.plan)
 
 :func:`build_model` creates the architecture and replays every transform through
 :data:`TRANSFORMS`, the one registry of kinds; each entry checks its JSON and calls the module that
-owns the change. :func:`load_model` then loads the weights. A file is checked before anything is
+owns the change. :mod:`trp.saving` writes and reads model files with it. A file is checked before anything is
 allocated for it: every number in the spec is a whole number within sane limits, and the model's
 shapes, built on PyTorch's ``meta`` device (shapes without storage), must be those of the file's
 own tensors, so a crafted ``num_classes`` or plan rank of 1e10 is refused, not allocated.
 
 Example:
-    >>> import tempfile
-    >>> from trp.models import create
-    >>> spec = ModelSpec("resnet20", 10, 3, [3, 32, 32], dataset="cifar10")
-    >>> d = tempfile.mkdtemp()
-    >>> save_model(d + "/model.safetensors", create("resnet20"), spec)
-    >>> model, loaded, meta = load_model(d)
-    >>> loaded == spec, model.training
-    (True, False)
+    >>> spec = ModelSpec("resnet20", 10, 3, [3, 32, 32], dataset="cifar10").then({"kind": "fold-bn", "pairs": [["conv1", "bn1"]]})
+    >>> type(build_model(spec).bn1).__name__
+    'Identity'
 """
 
 from __future__ import annotations
@@ -39,34 +37,24 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from trp import models, schemes
+from trp.attention import unfuse_attention_
 from trp.bn import fold_bn_structure_
-from trp.checkpoint import (
-    MODEL_PREFIX,
-    check_finite,
-    check_state,
-    find_file,
-    load_weights,
-    read_safetensors,
-    strip_prefix,
-    with_prefix,
-    write_safetensors,
-)
+from trp.checkpoint import check_state
 from trp.errors import TRPError
 from trp.plan import Plan, apply_plan
 from trp.svd_training import svd_parametrize_, training_schemes
 from trp.validate import boolean, choice, text, whole
 
 __all__ = [
+    "INSTANCE",
     "ModelSpec",
     "Transform",
     "TRANSFORMS",
     "FORMAT",
     "check_transform",
     "build_model",
+    "replay",
     "check_fits",
-    "save_model",
-    "load_model",
-    "load",
     "MAX_CLASSES",
     "MAX_CHANNELS",
     "MAX_SIDE",
@@ -74,6 +62,8 @@ __all__ = [
 ]
 
 FORMAT = "trp-model/2"
+#: The ``arch`` of a model saved from an instance (:func:`save`): rebuilt only on a given instance.
+INSTANCE = "instance"
 _FORMAT_V1 = "trp-model/1"  # svd_scheme / bn_folded / fold_after_plan / plan fields; still read
 
 # Sane limits, checked before anything is built: far above any real classifier, far below what
@@ -172,7 +162,21 @@ def _apply_decompose(model: nn.Module, t: dict) -> nn.Module:
 
 
 #: The one registry of transform kinds (each calls the module that owns the change).
+def _check_unfuse(t: Mapping[str, Any]) -> dict:
+    _keys(t, {"kind", "names"})
+    names = t["names"]
+    if not isinstance(names, (list, tuple)) or len(names) > _MAX_PAIRS or not all(isinstance(n, str) for n in names):
+        raise TRPError("damaged transform 'unfuse-attention': names must be a list of module names")
+    return {"kind": "unfuse-attention", "names": list(names)}
+
+
+def _apply_unfuse(model: nn.Module, t: dict) -> nn.Module:
+    unfuse_attention_(model, t["names"])
+    return model
+
+
 TRANSFORMS: Mapping[str, Transform] = {
+    "unfuse-attention": Transform(_check_unfuse, _apply_unfuse, shapes_only=True),
     "svd-parametrize": Transform(_check_svd, _apply_svd, shapes_only=False),
     "fold-bn": Transform(_check_fold, _apply_fold, shapes_only=True),
     "decompose": Transform(_check_decompose, _apply_decompose, shapes_only=True),
@@ -188,7 +192,7 @@ def check_transform(t: Any) -> dict:
         >>> check_transform({"kind": "prune"})
         Traceback (most recent call last):
         ...
-        trp.errors.TRPError: unknown transform kind 'prune'; choose one of: svd-parametrize, fold-bn, decompose
+        trp.errors.TRPError: unknown transform kind 'prune'; choose one of: unfuse-attention, svd-parametrize, fold-bn, decompose
     """
     if not isinstance(t, Mapping):
         raise TRPError(f"a transform must be a JSON object, got {type(t).__name__}")
@@ -225,17 +229,24 @@ class ModelSpec:
     input_shape: list[int]
     dataset: str = ""
     transforms: list[dict] = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         put = object.__setattr__  # frozen: normalize the fields once, here
-        put(self, "arch", choice(self.arch, "architecture", tuple(models.names())))
+        if self.arch == INSTANCE:
+            if self.kwargs:
+                raise TRPError("a model saved from an instance has no kwargs")
+        else:  # no user code runs here: a python: source is imported only when the model is built
+            put(self, "kwargs", models.check(self.arch, self.kwargs, "architecture"))
         put(self, "num_classes", _size(self.num_classes, "num_classes", MAX_CLASSES))
         put(self, "in_channels", _size(self.in_channels, "in_channels", MAX_CHANNELS))
         shape = self.input_shape
-        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 3:
+        # Image sources take [C, H, W]; a user's own model (instance, python:) any sample shape.
+        ranks = (1, 2, 3, 4) if self.arch == INSTANCE or self.arch.startswith("python:") else (3,)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) not in ranks:
             raise TRPError(f"input_shape must be [channels, height, width], got {shape!r}")
         dims = [_size(n, "input_shape", MAX_SIDE) for n in shape]
-        if dims[0] != self.in_channels:
+        if len(dims) == 3 and dims[0] != self.in_channels:
             raise TRPError(f"input_shape {dims} does not start with in_channels {self.in_channels}")
         if math.prod(dims) > MAX_SAMPLE:
             raise TRPError(f"input_shape {dims} is too large (more than {MAX_SAMPLE:,} values per sample)")
@@ -283,9 +294,10 @@ class ModelSpec:
             >>> ModelSpec("resnet20", 10, 3, [3, 32, 32]).to_dict()["format"]
             'trp-model/2'
         """
+        kwargs = {"kwargs": copy.deepcopy(self.kwargs)} if self.kwargs else {}  # zoo files stay as they were
         return {"format": FORMAT, "arch": self.arch, "num_classes": self.num_classes, "in_channels": self.in_channels,
                 "input_shape": list(self.input_shape), "dataset": self.dataset,
-                "transforms": copy.deepcopy(self.transforms)}
+                "transforms": copy.deepcopy(self.transforms), **kwargs}
 
     @classmethod
     def from_dict(cls, d: Any) -> "ModelSpec":
@@ -303,7 +315,8 @@ class ModelSpec:
         elif fmt != FORMAT:
             raise TRPError(f"not a trp model (its metadata has no known format: {FORMAT} or {_FORMAT_V1})")
         fields = {k: v for k, v in d.items() if k != "format"}
-        unknown = sorted(set(fields) - {"arch", "num_classes", "in_channels", "input_shape", "dataset", "transforms"})
+        unknown = sorted(set(fields) - {"arch", "num_classes", "in_channels", "input_shape", "dataset", "transforms",
+                                        "kwargs"})
         missing = sorted({"arch", "num_classes", "in_channels", "input_shape"} - set(fields))
         if unknown:
             raise TRPError(f"damaged trp model metadata: unknown field {unknown[0]!r}")
@@ -336,18 +349,37 @@ def _from_v1(d: dict) -> dict:
 # ------------------------------------------------------------------------------------ building
 
 
+def replay(spec: ModelSpec, model: nn.Module) -> nn.Module:
+    """Replay the spec's transforms, in order, on ``model`` (a fresh instance of its architecture).
+
+    Example:
+        >>> spec = ModelSpec("resnet20", 10, 3, [3, 32, 32]).then({"kind": "fold-bn", "pairs": [["conv1", "bn1"]]})
+        >>> type(replay(spec, models.create("resnet20")).bn1).__name__
+        'Identity'
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for t in spec.transforms:
+        model = TRANSFORMS[t["kind"]].apply(model, t)
+    return model
+
+
 def build_model(spec: ModelSpec) -> nn.Module:
     """The architecture with the spec's transforms replayed in order, untrained, on the CPU.
+
+    The architecture is :func:`trp.models.create` of the spec's source and kwargs; a ``python:``
+    source imports and runs the user's module here (see :func:`trp.models.create`).
 
     Example:
         >>> spec = ModelSpec("resnet20", 10, 3, [3, 32, 32]).then({"kind": "fold-bn", "pairs": [["conv1", "bn1"]]})
         >>> type(build_model(spec).bn1).__name__
         'Identity'
     """
-    model = models.create(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
-    for t in spec.transforms:
-        model = TRANSFORMS[t["kind"]].apply(model, t)
-    return model
+    if spec.arch == INSTANCE:
+        raise TRPError("this model was saved from a model instance (trp.save): load it with "
+                       "trp.load(path, model=<a fresh instance of that model>)")
+    return replay(spec, models.create(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                                      **spec.kwargs))
 
 
 class _NoRandomInit(TorchFunctionMode):
@@ -367,10 +399,20 @@ class _NoRandomInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _skeleton(spec: ModelSpec) -> tuple[nn.Module, bool]:
-    """The spec's model on the meta device, and whether every transform could be replayed there."""
+def _skeleton(spec: ModelSpec) -> tuple[nn.Module | None, bool]:
+    """The spec's model on the meta device (None if it cannot be built there), and whether every
+    transform could be replayed there."""
+    if spec.arch == INSTANCE:
+        return None, False
     with torch.device("meta"), _NoRandomInit():
-        model = models.create(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
+        try:
+            model = models.create(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels, **spec.kwargs)
+        except TRPError:
+            if spec.arch in models.MODELS:
+                raise
+            # A source whose constructor needs real values (``.item()``...): the real build is
+            # checked instead, by load_weights; a bad source fails there with the same message.
+            return None, False
         for t in spec.transforms:
             transform = TRANSFORMS[t["kind"]]
             if not transform.shapes_only:
@@ -385,7 +427,9 @@ def check_fits(spec: ModelSpec, state: Mapping[str, Tensor], where: str | Path) 
     The model is built on PyTorch's meta device (shapes only), so a spec that describes a huge
     model next to small tensors costs nothing to refuse. From the first transform that needs real
     values (see :attr:`Transform.shapes_only`) on, only the tensors under the same name in both
-    are compared; the limits of :class:`ModelSpec` bound what the real build allocates.
+    are compared; the limits of :class:`ModelSpec` bound what the real build allocates. A model
+    saved from an instance, or a source that cannot be built on the meta device, is checked
+    after its real build (:func:`trp.checkpoint.load_weights`).
 
     Example:
         >>> from trp.models import create
@@ -396,6 +440,8 @@ def check_fits(spec: ModelSpec, state: Mapping[str, Tensor], where: str | Path) 
         trp.errors.TRPError: f does not fit this architecture (fc.weight has shape (10, 64), the model expects (100000, 64))
     """
     skeleton, complete = _skeleton(spec)
+    if skeleton is None:
+        return
     own = skeleton.state_dict()
     if not complete:
         shared = own.keys() & state.keys()
@@ -404,72 +450,3 @@ def check_fits(spec: ModelSpec, state: Mapping[str, Tensor], where: str | Path) 
 
 
 # ------------------------------------------------------------------------------------ files
-
-
-def save_model(path: str | Path, model: nn.Module, spec: ModelSpec, extra: dict | None = None) -> None:
-    """Save a model's weights and spec as one checksummed safetensors file (atomic).
-
-    The weights are checked against the spec first, so a file trp writes always loads again.
-
-    Example:
-        >>> import tempfile, os
-        >>> from trp.models import create
-        >>> p = os.path.join(tempfile.mkdtemp(), "model.safetensors")
-        >>> save_model(p, create("resnet20"), ModelSpec("resnet20", 10, 3, [3, 32, 32]))
-        >>> type(load(p)).__name__
-        'ResNetCifar'
-    """
-    if not isinstance(spec, ModelSpec):
-        raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
-    state = model.state_dict()
-    check_fits(spec, state, f"the model to save as {path}")
-    write_safetensors(path, with_prefix(MODEL_PREFIX, state), {"model": spec.to_dict(), **(extra or {})})
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               trust: bool = False) -> tuple[nn.Module, ModelSpec, dict]:
-    """Rebuild a model from a model file, a training checkpoint, or a folder holding either.
-
-    Args:
-        path: The file, or a folder holding ``model.safetensors`` (else ``checkpoint.safetensors``).
-        device: Where the model goes.
-        trust: Accept a file without trp's checksum (see :func:`trp.checkpoint.read_safetensors`).
-
-    Returns:
-        ``(model, spec, meta)``: the model in eval mode on ``device``, its spec and the file's
-        whole metadata document.
-
-    Example:
-        >>> import tempfile
-        >>> from trp.models import create
-        >>> d = tempfile.mkdtemp()
-        >>> save_model(d + "/model.safetensors", create("resnet20"), ModelSpec("resnet20", 10, 3, [3, 32, 32]))
-        >>> load_model(d)[1].arch
-        'resnet20'
-    """
-    file = find_file(path)
-    tensors, meta = read_safetensors(file, trust=boolean(trust, "trust"))
-    try:
-        spec = ModelSpec.from_dict(meta.get("model"))
-    except TRPError as err:
-        raise TRPError(f"{file}: {err}") from None
-    state = strip_prefix(MODEL_PREFIX, tensors)
-    check_fits(spec, state, file)  # before anything is allocated for the spec's sizes
-    model = build_model(spec)
-    load_weights(model, state, file)
-    check_finite(model)
-    return model.to(device).eval(), spec, meta
-
-
-def load(path: str | Path, device: str | torch.device = "cpu", trust: bool = False) -> nn.Module:
-    """Load a trained or compressed trp model from its folder or file, in a fresh process.
-
-    Example:
-        >>> import tempfile, trp
-        >>> from trp.models import create
-        >>> d = tempfile.mkdtemp()
-        >>> save_model(d + "/model.safetensors", create("resnet20"), ModelSpec("resnet20", 10, 3, [3, 32, 32]))
-        >>> trp.load(d).training
-        False
-    """
-    return load_model(path, device, trust)[0]

@@ -15,11 +15,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from torch import nn
 
-__all__ = ["FilterFn", "get_module", "set_module", "aliases", "replace_modules", "unwrap", "default_filter"]
+from trp import schemes as schemes_mod
+from trp.validate import choice
+
+__all__ = ["FilterFn", "get_module", "set_module", "aliases", "replace_modules", "unwrap", "default_filter",
+           "LAYERS", "layer_filter"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -116,5 +120,35 @@ def default_filter(model: nn.Module) -> FilterFn:
 
     def filter_fn(module: nn.Module, name: str) -> bool:
         return type(module) is nn.Conv2d and module.groups == 1 and name != first
+
+    return filter_fn
+
+
+#: The layer choices of :func:`layer_filter` (``trp train --layers``): the paper's convs, or all.
+LAYERS: tuple[str, ...] = ("convs", "all")
+
+
+def layer_filter(model: nn.Module, layers: str = "convs", scheme: str | Sequence[str] = "auto") -> FilterFn:
+    """The layers a run trains and compresses: ``convs`` is :func:`default_filter` (the paper's);
+    ``all`` is every layer one of ``scheme`` can decompose (convs and Linear layers alike), except
+    the first Conv2d and the last Linear registered (the classifier), which the paper leaves dense.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8, 8), nn.Linear(8, 2))
+        >>> f = layer_filter(m, "all", ("auto",))
+        >>> [name for name, mod in m.named_modules() if f(mod, name)]
+        ['1', '3']
+    """
+    if choice(layers, "layers", LAYERS) == "convs":
+        return default_filter(model)
+    names = schemes_mod.parse_names(scheme)
+    first = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+
+    def filter_fn(module: nn.Module, name: str) -> bool:
+        return name not in (first, last) and schemes_mod.applicable(module, names)[0] is not None
 
     return filter_fn

@@ -13,11 +13,8 @@ Sparsification", Sec. 3):
   it did. Stride, padding, ``padding_mode``, dilation and bias stay the stock layer's, and a layer
   reachable under several names is one module with one set of factors (tying for free). Each
   forward pass composes the kernel and runs one ``F.conv2d``, as the paper trains.
-* **Regularization** (paper Eq. 2–4), added to the task loss L_T:
-  ``L = L_T + λ_o Σ_l L_o(U_l, V_l) + λ_s Σ_l L_s(s_l)`` with the orthogonality loss
-  ``L_o = (‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F) / r``, which keeps U and V close to singular vectors, and
-  the sparsity loss ``L_s = ‖s‖₁`` (L1) or ``‖s‖₁ / ‖s‖₂`` (Hoyer), which drives singular values
-  to zero, i.e. lowers the rank.
+* **Regularization** (paper Eq. 2–4, :mod:`trp.svd_losses`): orthogonality of U and V and
+  sparsity of s, added to the task loss, drive singular values to zero, i.e. lower the rank.
 * **Pruning** at the end: small |s| are cut (by any per-layer criterion of :mod:`trp.rank`, energy
   by default), the parametrization is removed (``remove_parametrizations``) and each layer becomes
   the same two stock layers that :func:`trp.decompose_` builds, from the trained factors (no second
@@ -35,7 +32,7 @@ Example:
     (['2'], torch.Size([16, 16]))
     >>> torch.allclose(model(x), before, atol=1e-5)
     True
-    >>> loss = model(x).pow(2).mean() + regularization(model, SVDTrainingConfig(sparsity=1e-3))  # train...
+    >>> # ... train with trp.svd_losses.regularization(model, config) added to the loss, then:
     >>> model, plan = finalize_(model, 4, input_shape=(3, 10, 10))
     >>> [type(m).__name__ for m in model[2]]
     ['Conv2d', 'Conv2d']
@@ -43,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Sequence, Union
 
 import torch
@@ -56,19 +52,16 @@ from trp.errors import TRPError
 from trp.measure import layer_macs, sample_shape, trace_shapes
 from trp.plan import LayerPlan, Plan
 from trp.surgery import FilterFn, default_filter, replace_modules, unwrap
-from trp.validate import choice, number
+from trp.validate import choice
 
 __all__ = [
-    "SVDWeight", "SVDFactors", "SVDTrainingConfig", "SPARSITY_KINDS", "training_schemes", "svd_parametrize_layer_",
-    "svd_parametrize_", "svd_layers", "factors", "sorted_factors", "orthogonality_penalty", "sparsity_penalty",
-    "orthogonality_loss", "sparsity_loss", "regularization", "parse_sparsity", "ranks", "finalize_", "to_dense_",
+    "SVDWeight", "SVDFactors", "training_schemes", "svd_parametrize_layer_",
+    "svd_parametrize_", "svd_layers", "require_svd_layers", "factors", "sorted_factors", "ranks", "finalize_", "to_dense_",
     "truncate_to_dense_", "upgrade_state_dict",
 ]
 
 RankArg = Union[rank_mod.Criterion, int, str, Mapping[str, int], None]
 
-#: Sparsity regularizers on the singular values (paper Eq. 4).
-SPARSITY_KINDS = ("l1", "hoyer")
 
 
 def training_schemes(module: nn.Module | None = None) -> tuple[str, ...]:
@@ -288,154 +281,17 @@ def svd_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in unwrap(model).named_modules() if _svd_weight(m) is not None]
 
 
-def _layers_or_raise(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def require_svd_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """:func:`svd_layers`, or a TRPError when there is none (a loss over no layer is a mistake).
+
+    Example:
+        >>> len(require_svd_layers(svd_parametrize_(nn.Sequential(nn.Linear(4, 4)), filter_fn=lambda m, n: True)))
+        1
+    """
     layers = svd_layers(model)
     if not layers:
         raise TRPError("the model has no SVD-parametrized layer; call svd_parametrize_(model) first")
     return layers
-
-
-# ----------------------------------------------------------------------------------- regularizers
-
-
-def orthogonality_penalty(u: Tensor, v: Tensor) -> Tensor:
-    """One layer's orthogonality loss ``(‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F) / r`` (paper Eq. 3) of the
-    m×r factor ``u`` and the n×r factor ``v``.
-
-    Dividing by the rank r, as the paper does, keeps wide and narrow layers on a comparable scale
-    (‖UᵀU − I‖²_F sums r² entries). Its gradient is ``4·U(UᵀU − I)/r`` for U, likewise for V.
-
-    Example:
-        >>> q, _ = torch.linalg.qr(torch.randn(6, 3))
-        >>> float(orthogonality_penalty(q, q)) < 1e-10
-        True
-        >>> float(orthogonality_penalty(2 * torch.eye(2), torch.eye(2)))  # (2 * 3²) / 2
-        9.0
-    """
-    r = u.shape[-1]
-    eye = torch.eye(r, dtype=u.dtype, device=u.device)
-    return ((u.mT @ u - eye).pow(2).sum() + (v.mT @ v - eye).pow(2).sum()) / r
-
-
-def sparsity_penalty(s: Tensor, kind: str = "hoyer") -> Tensor:
-    """One layer's sparsity loss on its singular values ``s`` (any sign) (paper Eq. 4).
-
-    ``l1``: ``‖s‖₁``, a constant pull of every s_i towards zero (the nuclear norm of the layer when
-    U and V are orthonormal). ``hoyer``: ``‖s‖₁ / ‖s‖₂`` (Hoyer 2004), which is scale-invariant, so
-    it changes the *shape* of the spectrum (few large, many zero values) without shrinking it all.
-    Its gradient is ``sign(s)/‖s‖₂ − ‖s‖₁·s/‖s‖₂³``.
-
-    Example:
-        >>> float(sparsity_penalty(torch.tensor([3.0, -4.0]), "l1"))
-        7.0
-        >>> round(float(sparsity_penalty(torch.tensor([3.0, -4.0]), "hoyer")), 6)  # 7 / 5
-        1.4
-    """
-    choice(kind, "sparsity regularizer", SPARSITY_KINDS)
-    l1 = s.abs().sum()
-    if kind == "l1":
-        return l1
-    # sqrt of a clamped sum of squares: an all-zero s gives 0/tiny = 0 with a finite gradient,
-    # where a norm's backward would divide 0 by 0.
-    l2 = s.pow(2).sum().clamp_min(torch.finfo(s.dtype).tiny).sqrt()
-    return l1 / l2
-
-
-def orthogonality_loss(model: nn.Module) -> Tensor:
-    """``Σ_layers (‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F) / r`` over the model's SVD layers (paper Eq. 3).
-
-    Raises TRPError if the model has no SVD-parametrized layer.
-
-    Example:
-        >>> m = svd_parametrize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)))
-        >>> orthogonality_loss(m).item() < 1e-8  # freshly factorized: U, V orthonormal
-        True
-    """
-    terms = [orthogonality_penalty(f.U, f.V) for f in map(factors, (m for _, m in _layers_or_raise(model)))]
-    return torch.stack(terms).sum()
-
-
-def sparsity_loss(model: nn.Module, kind: str = "hoyer") -> Tensor:
-    """``Σ_layers ‖s‖₁`` (``l1``) or ``Σ_layers ‖s‖₁/‖s‖₂`` (``hoyer``) (paper Eq. 4).
-
-    Raises TRPError for an unknown kind or a model without SVD-parametrized layers.
-
-    Example:
-        >>> m = svd_parametrize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)))
-        >>> 1.0 <= sparsity_loss(m, "hoyer").item() <= 8 ** 0.5  # between 1 and sqrt(r)
-        True
-    """
-    choice(kind, "sparsity regularizer", SPARSITY_KINDS)
-    return torch.stack([sparsity_penalty(factors(m).s, kind) for _, m in _layers_or_raise(model)]).sum()
-
-
-@dataclass(frozen=True)
-class SVDTrainingConfig:
-    """The weights of SVD training's regularizers: ``λ_o·L_o + λ_s·L_s`` (paper Eq. 2). The matrix
-    layout is not among them: it is :func:`svd_parametrize_`'s ``scheme``, fixed at parametrization.
-
-    Attributes: ``orth`` λ_o (finite, >= 0) weighs :func:`orthogonality_loss`; ``sparsity`` λ_s
-    (finite, >= 0) weighs :func:`sparsity_loss` of kind ``sparsity_kind`` (``hoyer`` or ``l1``).
-
-    Example:
-        >>> SVDTrainingConfig(sparsity_kind="l1", sparsity=1e-4).sparsity
-        0.0001
-        >>> try:
-        ...     SVDTrainingConfig(orth=-1)
-        ... except TRPError as err:
-        ...     print(err)
-        orthogonality weight must be >= 0, got -1
-    """
-
-    orth: float = 1.0
-    sparsity_kind: str = "hoyer"
-    sparsity: float = 1e-3
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "orth", number(self.orth, "orthogonality weight", low=0.0))
-        object.__setattr__(self, "sparsity", number(self.sparsity, "sparsity weight", low=0.0))
-        choice(self.sparsity_kind, "sparsity regularizer", SPARSITY_KINDS)
-
-
-def parse_sparsity(text: str) -> tuple[str, float]:
-    """Parse the command-line form ``KIND:WEIGHT`` of the sparsity regularizer.
-
-    Example:
-        >>> parse_sparsity("hoyer:1e-3")
-        ('hoyer', 0.001)
-        >>> parse_sparsity("l1:0")
-        ('l1', 0.0)
-    """
-    kind, sep, num = str(text).strip().partition(":")
-    kind = kind.strip().lower()
-    if not sep or kind not in SPARSITY_KINDS:
-        kinds = ", ".join(SPARSITY_KINDS)
-        raise TRPError(f"sparsity must look like KIND:WEIGHT with KIND one of {kinds}; got {text!r}")
-    return kind, number(num.strip(), f"sparsity weight in {text!r}", low=0.0)
-
-
-def regularization(model: nn.Module, config: SVDTrainingConfig | None = None) -> Tensor:
-    """``λ_o·Σ L_o + λ_s·Σ L_s``: the term SVD training adds to the task loss (paper Eq. 2).
-
-    A weight of 0 skips its term entirely.
-
-    Example:
-        >>> m = svd_parametrize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)))
-        >>> cfg = SVDTrainingConfig(orth=1.0, sparsity_kind="l1", sparsity=0.5)
-        >>> torch.allclose(regularization(m, cfg), orthogonality_loss(m) + 0.5 * sparsity_loss(m, "l1"))
-        True
-    """
-    config = config or SVDTrainingConfig()
-    s = factors(_layers_or_raise(model)[0][1]).s
-    total = torch.zeros((), dtype=s.dtype, device=s.device)
-    if config.orth > 0:
-        total = total + config.orth * orthogonality_loss(model)
-    if config.sparsity > 0:
-        total = total + config.sparsity * sparsity_loss(model, config.sparsity_kind)
-    return total
-
-
-# ----------------------------------------------------------------------------- ranks and pruning
 
 
 def ranks(model: nn.Module, energy: float = 0.99) -> dict[str, tuple[int, int]]:
@@ -560,7 +416,7 @@ def finalize_(
         [('0', None, False), ('1', 4, True)]
     """
     net = unwrap(model)
-    layers = _layers_or_raise(net)
+    layers = require_svd_layers(net)
     criterion = _criterion(rank)
     input_shape = sample_shape(net, input_shape)
     shapes = trace_shapes(net, input_shape)  # before any change, so a rejected shape leaves the model as it was

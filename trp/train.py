@@ -47,7 +47,7 @@ from trp.errors import TRPError
 from trp.io import atomic_write_text, remove_stale_temps
 from trp.loop import (EpochStats, Loop, StopRequest, cosine_lr, evaluate, make_optimizer, recalibrate_bn,
                       resolve_device, seed_everything)
-from trp.runs import check_writable, clear_run, contents, locked
+from trp.runs import check_free, check_writable, clear_run, contents, locked
 from trp.structure import ModelSpec
 from trp.validate import MAX_WHOLE, boolean, choice, number, text, whole
 
@@ -74,13 +74,15 @@ class TrainConfig:
         'trp'
     """
 
-    model: str = "resnet20"
+    model: str = "resnet20"  # a zoo name, torchvision:NAME, timm:NAME, hf:CONFIG.json or python:MODULE:FUNCTION
+    model_kwargs: Mapping[str, Any] | None = None  # the source's keyword arguments (JSON object or its text)
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
     skip_bad_images: bool = False  # image folders: leave unreadable files out (counted) instead of refusing
     method: str = "trp"
-    scheme: str = "channel"
+    scheme: str = "channel"  # a scheme, "auto", or several tried in order per layer: "spatial,linear"
+    layers: str = "convs"  # "convs": every conv but the first (the paper's); "all": also Linear, bar the classifier
     energy: float = 0.9
     energy_ramp: float = 0.0  # epochs over which the target tightens from dense to `energy` (or `speedup`)
     speedup: float | None = None  # TRP ranks for this whole-model MACs speed-up instead of `energy`
@@ -103,14 +105,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        choice(self.model, "model", tuple(models.names()))
+        put("model_kwargs", models.check(self.model, self.model_kwargs))
         choice(self.dataset, "dataset", tuple(DATASETS))
         choice(self.method, "method", METHODS)
         choice(self.schedule, "schedule", ("cosine", "step"))
         for name in ("download", "skip_bad_images", "amp", "deterministic"):
             boolean(getattr(self, name), name.replace("_", "-"))
-        for name in ("sparsity", "device") + (("data_dir",) if self.data_dir is not None else ()):
+        for name in ("scheme", "layers", "sparsity", "device") + (("data_dir",) if self.data_dir is not None else ()):
             text(getattr(self, name), name.replace("_", "-"))
+        # Numbers must be numbers: a recipe's "lr": "0.1" is a mistake to point out, not to guess at.
+        for name in (*_NUMBERS, *_WHOLES, "speedup", "freeze"):
+            if isinstance(getattr(self, name), (str, bytes)):
+                kind = "a whole number" if name in _WHOLES else "a number"
+                raise TRPError(f"{name.replace('_', '-')} must be {kind}, got {getattr(self, name)!r}")
         for name, (low, high, low_open) in _NUMBERS.items():
             put(name, number(getattr(self, name), name.replace("_", "-"), low=low, high=high, low_open=low_open))
         for name, (low, high) in _WHOLES.items():
@@ -119,7 +126,7 @@ class TrainConfig:
             put("speedup", number(self.speedup, "speedup", low=1.0))
         if self.freeze is not None:
             put("freeze", number(self.freeze, "freeze", low=0.0, high=MAX_WHOLE))
-        if isinstance(self.lr_steps, (str, bytes)) or not isinstance(self.lr_steps, (list, tuple)):
+        if not isinstance(self.lr_steps, (list, tuple)) or any(isinstance(s, (str, bytes)) for s in self.lr_steps):
             raise TRPError(f"lr-steps must be a list of whole numbers, got {self.lr_steps!r}")
         put("lr_steps", tuple(whole(s, "lr-steps", low=0) for s in self.lr_steps))
         methods.get(self.method).check(self)
@@ -257,11 +264,11 @@ def _resume_state(out: Path, config: TrainConfig | None, overwrite: bool,
     wanted = TrainConfig.from_dict({**(config or saved).to_dict(), **changes})
     diff = {f.name: (getattr(saved, f.name), getattr(wanted, f.name)) for f in fields(TrainConfig)
             if getattr(saved, f.name) != getattr(wanted, f.name)}
-    for key, (old, new) in diff.items():
-        if key not in RESUMABLE:
-            raise TRPError(f"cannot resume {out} with {key.replace('_', '-')} {_jsonable(new)!r}: the run was trained "
-                           f"with {_jsonable(old)!r}; --resume may change only {', '.join(RESUMABLE)} "
-                           "(start a new run for other settings)")
+    refused = [f"{key.replace('_', '-')} {_jsonable(new)!r} (the run was trained with {_jsonable(old)!r})"
+               for key, (old, new) in diff.items() if key not in RESUMABLE]
+    if refused:
+        raise TRPError(f"cannot resume {out} with {', '.join(refused)}; --resume may change only "
+                       f"{', '.join(RESUMABLE)} (start a new run for other settings)")
     if wanted.epochs < epoch:
         raise TRPError(f"cannot resume {out} with epochs {wanted.epochs}: it has done {epoch} epochs already")
     changed = {k: [_jsonable(o), _jsonable(n)] for k, (o, n) in diff.items()}
@@ -325,9 +332,10 @@ def _build(config: TrainConfig, data: Any, method: methods.Method, device: torch
     """The run's model (seeded init, prepared for its method) and the spec that rebuilds it."""
     c, h, w = data.input_shape
     torch.manual_seed(config.seed)
-    model = models.create(config.model, num_classes=data.num_classes, in_channels=c).to(device)
+    kwargs = models.portable_kwargs(config.model, config.model_kwargs)  # hf: the config file's content
+    model = models.create(config.model, num_classes=data.num_classes, in_channels=c, **kwargs).to(device)
     model = method.prepare(model, data, data.num_train_batches(config.batch_size, world))
-    spec = ModelSpec(config.model, data.num_classes, c, [c, h, w], dataset=config.dataset)
+    spec = ModelSpec(config.model, data.num_classes, c, [c, h, w], dataset=config.dataset, kwargs=kwargs)
     structure = method.structure()
     return model, spec.then(structure) if structure else spec
 
@@ -452,6 +460,10 @@ def train(
     out = Path(out)
     rank, world = rank_and_world()
     saved: _Saved | None = None
+    if world == 1:
+        # A folder another process writes (maybe in its first epoch, no checkpoint yet) is "in use", not a
+        # stopped or different run. Under torchrun rank 0's lock in _claimed answers for every rank.
+        check_free(out)
     if resume:
         config, saved = _resume_state(out, config, overwrite, changes or {})
     elif not isinstance(config, TrainConfig) or changes:
@@ -495,4 +507,5 @@ def train(
         "test_acc": rows[-1]["test_acc"] if rows else float("nan"),
         "mean_epoch_time_s": sum(r["epoch_time_s"] for r in rows) / len(rows) if rows else float("nan"),
         "wall_time_s": time.perf_counter() - wall0, "stopped": stopped, "resumed": saved is not None,
+        "changed": {k: n for k, (_, n) in saved.changed.items()} if saved else {},  # this resume's new settings
     }

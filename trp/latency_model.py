@@ -1,4 +1,4 @@
-"""A latency model of the deployment target, and ``trp.latency(s)``: a whole-model budget in time.
+"""A latency model of the deployment target: every decomposable layer timed at a ladder of ranks.
 
 MACs are a poor proxy for time: two small kernels can be slower than one large one, and kernels
 pad channel counts to their vector width. So every decomposable layer is *timed* alone, dense and
@@ -10,9 +10,8 @@ whole model's time at any ranks is predicted from one measurement of the dense m
 
 Times are cached as JSON, one file per :func:`machine_key` (CPU model, cores, torch, runtime and
 its version, threads, batch size, dtype, memory format) in :func:`cache_dir`, so a second
-compression on the same machine times nothing. :class:`Latency` (``trp.latency(s)``) spends the
-budget T_dense / s where it keeps the most singular-value energy per measured millisecond
-(:func:`solve_time`), on rank multiples the kernels prefer (:func:`preferred_multiple`).
+compression on the same machine times nothing. :mod:`trp.latency_budget` (``trp.latency(s)``) spends
+a time budget on this model, on rank multiples the kernels prefer (:func:`preferred_multiple`).
 
 Example:
     >>> import tempfile
@@ -43,7 +42,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from trp import rank as rank_mod
 from trp import runtimes, schemes
 from trp.errors import TRPError
 from trp.io import atomic_write_text
@@ -52,20 +50,17 @@ from trp.surgery import FilterFn
 from trp.validate import number, whole
 
 __all__ = ["FORMAT", "MULTIPLES", "STEP_TOLERANCE", "Timer", "Target", "Layer", "LayerLatency", "LatencyTable",
-           "Allocation", "Latency", "latency", "cache_dir", "machine_key", "ladder", "max_rank", "trace_layers",
-           "time_module", "preferred_multiple", "measure_layers", "model_time", "latency_model", "solve_time"]
+           "cache_dir", "machine_key", "ladder", "max_rank", "trace_layers", "time_module", "preferred_multiple",
+           "measure_layers", "model_time", "latency_model"]
 
 FORMAT = "trp-latency/1"
 #: Rank multiples a latency budget can round to.
 MULTIPLES = (1, 4, 8, 16, 32)
 #: Relative time within which ranks b+1 … b+m count as one step of the kernels.
 STEP_TOLERANCE = 0.03
-# As in trp.rank.solve_budget: a fastest allocation this close above the budget is accepted.
-SLACK = 0.02
 
 #: ``timer(module, input_shape, batch_size) -> ms``: how one layer or model is timed.
 Timer = Callable[[nn.Module, Sequence[int], int], float]
-Option = tuple[float, float, Any]  # one choice of a layer: (ms, energy kept, rank; None = dense)
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:
@@ -419,185 +414,3 @@ def latency_model(model: nn.Module, scheme: str | Sequence[str] = "channel", fil
     table = measure_layers(trace_layers(model, scheme, filter_fn, shape), target, log)
     table.model_ms = model_time(model, shape, target)
     return table
-
-
-def _frontier(options: Sequence[Option]) -> tuple[list[Option], list[Option]]:
-    """The efficient options (less time, more energy) and their upper concave hull, by time."""
-    front: list[Option] = []
-    for opt in sorted(options, key=lambda o: (o[0], -o[1])):
-        if not front or opt[1] > front[-1][1]:  # slower and no more energy: dominated
-            front.append(opt)
-    hull: list[Option] = []
-    for opt in front:  # keep the slopes Δenergy/Δms strictly falling
-        while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) * (opt[0] - hull[-1][0])
-                                  <= (opt[1] - hull[-1][1]) * (hull[-1][0] - hull[-2][0])):
-            hull.pop()
-        hull.append(opt)
-    return front, hull
-
-
-def solve_time(options: Mapping[str, Sequence[Option]], fixed_ms: float,
-               budget_ms: float) -> tuple[dict[str, Any], float]:
-    """One ``(ms, energy, rank)`` option per layer: the most energy within ``fixed_ms + Σ ms <= budget_ms``.
-
-    An option slower than another with as much energy is never taken (so a decomposed form no
-    faster than dense loses to dense, whose energy is 1). On each layer's upper concave hull of
-    (ms, energy) one threshold λ on energy per millisecond sets every layer's choice; a binary
-    search finds the lowest λ within budget, then the time left goes greedily, best energy per
-    millisecond first. If even the fastest choice is over budget, it is returned as it is.
-
-    Returns:
-        ``({layer: rank}, total ms)``.
-
-    Example:
-        >>> opts = {"x": [(10, 1.0, None), (2, 0.5, 1), (4, 0.8, 2), (6, 0.95, 3)],
-        ...         "y": [(10, 1.0, None), (2, 0.9, 1), (4, 0.95, 2), (6, 0.99, 3)]}
-        >>> solve_time(opts, 0.0, 8.0)
-        ({'x': 3, 'y': 1}, 8.0)
-    """
-    fronts = {name: _frontier(opts) for name, opts in options.items()}
-    slopes = {name: [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(hull, hull[1:])]
-              for name, (_, hull) in fronts.items()}
-
-    def pick(lam: float) -> tuple[dict[str, Option], float]:
-        chosen = {name: hull[sum(g >= lam for g in slopes[name])] for name, (_, hull) in fronts.items()}
-        return chosen, fixed_ms + sum(o[0] for o in chosen.values())
-
-    best, total = pick(math.inf)
-    lams = sorted({g for gs in slopes.values() for g in gs}, reverse=True)
-    lo, hi = 0, len(lams) - 1
-    while lo <= hi:  # the last (lowest) λ whose total stays within budget
-        mid = (lo + hi) // 2
-        chosen, cost = pick(lams[mid])
-        if cost <= budget_ms:
-            best, total, lo = chosen, cost, mid + 1
-        else:
-            hi = mid - 1
-    while True:  # fill the time left: best marginal energy per ms among the efficient options
-        moves = [((o[1] - cur[1]) / (o[0] - cur[0]), name, o) for name, (front, _) in fronts.items()
-                 for cur in (best[name],) for o in front if o[0] > cur[0] and total + o[0] - cur[0] <= budget_ms]
-        if not moves:
-            return {name: o[2] for name, o in best.items()}, total
-        _, name, o = max(moves, key=lambda m: m[0])
-        total, best[name] = total + o[0] - best[name][0], o
-
-
-@dataclass
-class Allocation:
-    """What a latency budget decided: ranks (None: dense), why layers stay dense, predicted time."""
-
-    ranks: dict[str, int | None]
-    reasons: dict[str, str]
-    model_ms: float
-    predicted_ms: float
-    multiple: int
-    table: LatencyTable
-
-    @property
-    def speedup(self) -> float:
-        """Predicted whole-model speed-up over the dense model."""
-        return self.model_ms / self.predicted_ms
-
-
-@dataclass(frozen=True)
-class Latency:
-    """A whole-model target in measured time: the model runs ``s``× faster on the target.
-
-    Ranks go where they keep the most singular-value energy per measured millisecond
-    (:func:`solve_time`), as multiples of ``multiple`` (default: the one the measurements prefer,
-    :func:`preferred_multiple`); layers whose decomposed form is not faster stay dense. The dense
-    model's time is ``model_ms`` if given, else measured from the ``model`` given to :meth:`solve`
-    (cached, :func:`model_time`). The other fields make the :class:`Target` (whole model timed
-    with 6× ``min_run_time``).
-    """
-
-    s: float
-    multiple: int | None = None
-    batch_size: int = 128
-    runtime: str = "eager"
-    threads: int | None = None
-    min_run_time: float = 0.05
-    cache_dir: str | None = None
-    model_ms: float | None = None
-    timer: Timer | None = field(default=None, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "s", number(self.s, "latency speed-up", low=1.0))
-        if self.multiple is not None and whole(self.multiple, "rank multiple") not in MULTIPLES:
-            raise TRPError(f"rank multiple must be one of {', '.join(map(str, MULTIPLES))}, got {self.multiple!r}")
-        if self.model_ms is not None:
-            object.__setattr__(self, "model_ms", number(self.model_ms, "model time (ms)", low=0.0, low_open=True))
-        target = self.target  # validates; the normalized values are stored back
-        for name in ("batch_size", "runtime", "threads", "min_run_time", "cache_dir"):
-            object.__setattr__(self, name, getattr(target, name))
-
-    @property
-    def target(self) -> Target:
-        """Where the budget is measured."""
-        return Target(self.batch_size, self.runtime, self.threads, self.min_run_time, 6 * self.min_run_time,
-                      self.cache_dir, self.timer)
-
-    def __str__(self) -> str:
-        return f"latency:{self.s:g}"
-
-    def solve(self, layers: Sequence[Any], total: float = 0.0, model: nn.Module | None = None,
-              input_shape: Sequence[int] | None = None) -> dict[str, int | None]:
-        """``{name: rank or None}``, as :meth:`trp.rank.Speedup.solve` (``total``, the MACs, is unused)."""
-        return self.allocate(layers, model, input_shape).ranks
-
-    def allocate(self, layers: Sequence[Any], model: nn.Module | None = None,
-                 input_shape: Sequence[int] | None = None, log: Callable[[str], None] | None = None) -> Allocation:
-        """The ranks, the reasons for dense layers, the multiple and the predicted time.
-
-        ``layers`` have ``name``, ``module``, ``scheme``, ``calls``, ``cost``, ``dense`` and ``spectrum``
-        (computed when None): :class:`trp.plan.Candidate` or :class:`Layer`. ``model`` (with its
-        ``input_shape``) is timed when ``model_ms`` was not given; ``log`` gets a line per timed layer.
-        """
-        target = self.target
-        table = measure_layers(layers, target, log)
-        if self.model_ms is None and model is None:
-            raise TRPError(f"{self} needs the dense model's time: pass the model to solve() or give model_ms")
-        table.model_ms = self.model_ms or model_time(model, input_shape, target)
-        m = self.multiple or table.multiple
-        options, reasons = _options(layers, table, m)
-        budget = table.model_ms / self.s
-        ranks, predicted = solve_time(options, table.model_ms - sum(t.dense_ms for t in table.layers.values()), budget)
-        if predicted > budget * (1 + SLACK):
-            raise TRPError(f"latency speed-up {self.s:g}x is out of reach: with every layer at its fastest measured "
-                           f"form the model is predicted {table.model_ms / predicted:.2f}x faster "
-                           f"({self.runtime}, batch {self.batch_size})")
-        for name, k in ranks.items():
-            if k is None:
-                reasons.setdefault(name, "dense keeps the most energy within the time budget")
-            else:
-                reasons.pop(name, None)
-        return Allocation(ranks, reasons, table.model_ms, predicted, m, table)
-
-
-def _options(layers: Sequence[Any], table: LatencyTable, m: int) -> tuple[dict[str, list[Option]], dict[str, str]]:
-    """Every layer's choices (dense, or a rank multiple of ``m``) and why some can only stay dense."""
-    options: dict[str, list[Option]] = {}
-    reasons: dict[str, str] = {}
-    for c in layers:
-        lay, spectrum, ks = table.layers[c.name], c.spectrum, table.layers[c.name].allowed(m)
-        if spectrum is None:
-            spectrum = c.scheme.singular_values(c.module.weight, c.name)
-        options[c.name] = [(lay.dense_ms, 1.0, None)] + [(lay.at(k), rank_mod.kept_energy(spectrum, k), k) for k in ks]
-        if not ks:
-            reasons[c.name] = f"no rank that is a multiple of {m} lowers its MACs (below rank {lay.top + 1})"
-        elif min(lay.at(k) for k in ks) >= lay.dense_ms:
-            k = min(ks, key=lay.at)
-            reasons[c.name] = (f"decomposed form measured no faster than dense at any rank (fastest "
-                               f"{lay.at(k):.3f} ms at rank {k} >= {lay.dense_ms:.3f} ms dense)")
-    return options, reasons
-
-
-def latency(s: float, multiple: int | None = None, batch_size: int = 128, runtime: str = "eager",
-            **kwargs: Any) -> Latency:
-    """A whole-model budget in measured time: the model runs ``s``× faster (see :class:`Latency`).
-
-    Example:
-        >>> str(latency(2, multiple=8, runtime="channels_last"))
-        'latency:2'
-    """
-    return Latency(s, multiple, batch_size, runtime, **kwargs)
