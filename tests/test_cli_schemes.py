@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 from trp import methods
@@ -19,13 +18,7 @@ VIT = ["--model", "timm:vit_tiny_patch16_224", "--model-kwargs",
        json.dumps({"img_size": 8, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2})]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a shared 2-core machine are slower than one; results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # two OpenMP threads on a shared 2-core machine are slower
 
 
 def test_vit_trains_with_auto_on_all_layers_and_compresses_its_linears(tmp_path: Path) -> None:

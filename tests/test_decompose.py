@@ -20,6 +20,7 @@ from trp import svd as svd_mod
 from trp.errors import TRPError
 from trp.models import create
 from trp.surgery import get_module
+from model_checks import assert_unchanged, built_rank, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,27 +82,6 @@ def _compose(low: nn.Sequential, scheme: str, shape: torch.Size) -> torch.Tensor
         return torch.einsum("kcy,nkx->ncyx", a[:, :, :, 0], b[:, :, 0, :])
     k = a.shape[0] // n
     return torch.einsum("nkc,nkyx->ncyx", a[:, :, 0, 0].reshape(n, k, c), b)
-
-
-def _built_rank(low: nn.Sequential, scheme: str) -> int:
-    if scheme == "linear":
-        return low[0].out_features
-    if scheme == "decouple":
-        return low[0].out_channels // low[1].out_channels
-    return low[0].out_channels
-
-
-def _snapshot(model: nn.Module) -> tuple[dict, dict]:
-    return dict(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_unchanged(model: nn.Module, snap: tuple[dict, dict]) -> None:
-    modules, state = snap
-    now = dict(model.named_modules())
-    assert now.keys() == modules.keys()
-    assert all(now[name] is mod for name, mod in modules.items())
-    after = model.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
 def _low_rank_weights_(model: nn.Module, layout: str, decay: float | None = None, rank: int | None = None) -> nn.Module:
@@ -230,7 +210,7 @@ def test_reduced_rank_is_eckart_young(scheme, geom, k) -> None:
     low = trp.decompose_layer(conv, scheme, k)
     sv = torch.linalg.svdvals(sch.to_matrix(w))  # independent of trp.svd
     full = sv.shape[-1]
-    assert _built_rank(low, scheme) == min(k, full)
+    assert built_rank(low, scheme) == min(k, full)
     wk = _compose(low, scheme, w.shape)
     assert torch.allclose(sch.compose(low), wk, rtol=0, atol=1e-12)  # the registry's compose agrees
     tail = float(sv[..., k:].pow(2).sum().sqrt())  # for decouple: the sum of every filter's tail
@@ -266,7 +246,7 @@ def test_decompose_layer_accepts_criteria(scheme) -> None:
     conv = _conv((3, 3), padding=1, dtype=torch.float64)
     s = svd_mod.spectrum(svd_mod.svd(schemes.get(scheme).to_matrix(conv.weight.detach()))[1])
     for crit in (trp.energy(0.8), trp.fraction(0.5), trp.value(float(s[1])), trp.fixed(100)):
-        assert _built_rank(trp.decompose_layer(conv, scheme, crit), scheme) == crit.select(s)
+        assert built_rank(trp.decompose_layer(conv, scheme, crit), scheme) == crit.select(s)
     with pytest.raises(TRPError, match="whole model"):
         trp.decompose_layer(conv, scheme, trp.speedup(2))
 
@@ -471,7 +451,7 @@ def test_decompose_layer_unsupported_raises(module, scheme, match) -> None:
 def test_unknown_scheme_raises(resnet20, scheme, match) -> None:
     """An unknown (or empty) scheme is a TRPError everywhere, and decompose_ leaves the model untouched."""
     model = copy.deepcopy(resnet20)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(TRPError, match=match):
         trp.plan(model, scheme, input_shape=RESNET_INPUT)
     with pytest.raises(TRPError, match=match):
@@ -479,7 +459,7 @@ def test_unknown_scheme_raises(resnet20, scheme, match) -> None:
     if isinstance(scheme, str):
         with pytest.raises(TRPError, match=match):
             trp.decompose_layer(nn.Conv2d(3, 4, 3), scheme)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 
@@ -499,7 +479,7 @@ def test_decompose_returns_same_model(resnet20) -> None:
 def test_decompose_rolls_back_when_build_fails(resnet20, monkeypatch, scheme) -> None:
     """If building the third layer fails, no layer of the model may have been replaced."""
     model = copy.deepcopy(resnet20)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     cls = type(schemes.SCHEMES[scheme])
     real = cls.build
     calls = []
@@ -514,13 +494,13 @@ def test_decompose_rolls_back_when_build_fails(resnet20, monkeypatch, scheme) ->
     with pytest.raises(RuntimeError, match="simulated failure"):
         trp.decompose_(model, trp.fixed(2), scheme=scheme, input_shape=RESNET_INPUT)
     assert len(calls) == 3
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 def test_decompose_rolls_back_when_swap_fails(resnet20, monkeypatch) -> None:
     """If the third replacement itself fails mid-swap, the two already made are undone."""
     model = copy.deepcopy(resnet20)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     real = surgery.set_module
     calls = []
 
@@ -533,7 +513,7 @@ def test_decompose_rolls_back_when_swap_fails(resnet20, monkeypatch) -> None:
     monkeypatch.setattr(surgery, "set_module", flaky)
     with pytest.raises(RuntimeError, match="simulated swap failure"):
         trp.decompose_(model, trp.fixed(2), input_shape=RESNET_INPUT)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 @pytest.mark.parametrize("scheme", CONV_SCHEMES)
@@ -569,9 +549,9 @@ def test_full_rank_model_is_unchanged(resnet20, scheme) -> None:
     lps = [lp for lp in p.layers if lp.scheme is not None]
     assert len(lps) == (20 if isinstance(scheme, tuple) else 19)
     assert all(lp.rank == lp.full_rank and "does not lower" in lp.reason for lp in lps)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     trp.decompose_(model, p)
-    _assert_unchanged(model, snap)  # nothing lowers MACs: nothing is replaced
+    assert_unchanged(model, snap)  # nothing lowers MACs: nothing is replaced
     forced = trp.Plan.from_json(p.to_json())
     for lp in forced.layers:
         if lp.scheme is not None:
@@ -579,7 +559,7 @@ def test_full_rank_model_is_unchanged(resnet20, scheme) -> None:
     trp.decompose_(model, forced)
     built = [get_module(model, lp.name) for lp in lps]
     assert all(type(m) is nn.Sequential and len(m) == 2 for m in built)
-    assert [_built_rank(m, lp.scheme) for m, lp in zip(built, lps)] == [lp.full_rank for lp in lps]
+    assert [built_rank(m, lp.scheme) for m, lp in zip(built, lps)] == [lp.full_rank for lp in lps]
     assert trp.profile(model, RESNET_INPUT).macs == forced.macs_after > RESNET20_MACS
     with torch.no_grad():
         out = model(x)
@@ -618,7 +598,7 @@ def test_decompose_rank_argument_forms(resnet20, arg, same_as) -> None:
         mod = get_module(model, lp.name)
         assert (type(mod) is nn.Sequential) == lp.decomposed
         if lp.decomposed:
-            assert _built_rank(mod, "channel") == lp.rank
+            assert built_rank(mod, "channel") == lp.rank
     assert trp.profile(model, RESNET_INPUT).macs == p.macs_after
 
 
@@ -629,10 +609,10 @@ def test_decompose_rank_argument_forms(resnet20, arg, same_as) -> None:
 def test_decompose_bad_rank_argument_raises(resnet20, arg, match) -> None:
     """A malformed rank argument is a one-line TRPError and the model is left untouched."""
     model = copy.deepcopy(resnet20)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(TRPError, match=match):
         trp.decompose_(model, arg, input_shape=RESNET_INPUT)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 # --------------------------------------------------------------------------------------------

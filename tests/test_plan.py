@@ -16,6 +16,7 @@ from trp.errors import TRPError
 from trp.models import create
 from trp.plan import rank_costs
 from trp.surgery import get_module
+from model_checks import assert_unchanged, built_rank, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,27 +24,6 @@ C, N, H, W = 6, 8, 11, 13
 CONV_SCHEMES = ["channel", "spatial", "decouple"]
 RESNET_INPUT = (3, 32, 32)
 RESNET20_MACS = 40_551_040
-
-
-def _built_rank(low: nn.Sequential, scheme: str) -> int:
-    if scheme == "linear":
-        return low[0].out_features
-    if scheme == "decouple":
-        return low[0].out_channels // low[1].out_channels
-    return low[0].out_channels
-
-
-def _snapshot(model: nn.Module) -> tuple[dict, dict]:
-    return dict(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _assert_unchanged(model: nn.Module, snap: tuple[dict, dict]) -> None:
-    modules, state = snap
-    now = dict(model.named_modules())
-    assert now.keys() == modules.keys()
-    assert all(now[name] is mod for name, mod in modules.items())
-    after = model.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +152,10 @@ def test_speedup_out_of_reach_raises(resnet20, scheme) -> None:
     with pytest.raises(TRPError, match="out of reach"):
         trp.plan(resnet20, scheme, trp.speedup(1000), input_shape=RESNET_INPUT)
     model = copy.deepcopy(resnet20)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(TRPError, match="out of reach"):
         trp.decompose_(model, trp.speedup(1000), scheme=scheme, input_shape=RESNET_INPUT)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,12 +258,12 @@ def test_apply_plan_wrong_architecture_names_layer(resnet20, other, match) -> No
     """A plan applied to a model it does not fit must name the offending layer and change nothing."""
     p = trp.plan(resnet20, ("channel", "linear"), trp.fixed(4), input_shape=RESNET_INPUT)
     model = other()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(TRPError, match=match):
         trp.apply_plan(model, p)
     with pytest.raises(TRPError, match=match):
         trp.decompose_(model, p)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 @pytest.mark.parametrize("scheme", CONV_SCHEMES)
@@ -293,17 +273,17 @@ def test_decompose_with_plan_applies_its_ranks(resnet20, scheme) -> None:
     p = trp.plan(resnet20, scheme, trp.speedup(3), input_shape=RESNET_INPUT)
     torch.manual_seed(1)
     other = create("resnet20")
-    snap = _snapshot(other)
+    snap = snapshot(other)
     with pytest.raises(TRPError, match="a Plan already fixes the layers, schemes and input shape"):
         trp.decompose_(other, p, input_shape=RESNET_INPUT)
     with pytest.raises(TRPError, match="a Plan already fixes the layers, schemes and input shape"):
         trp.decompose_(other, p, lambda m, n: True)
-    _assert_unchanged(other, snap)
+    assert_unchanged(other, snap)
     trp.decompose_(other, p)
     for lp in p.layers:
         mod = get_module(other, lp.name)
         if lp.decomposed:
-            assert isinstance(mod, nn.Sequential) and _built_rank(mod, lp.scheme) == lp.rank
+            assert isinstance(mod, nn.Sequential) and built_rank(mod, lp.scheme) == lp.rank
         else:
             assert type(mod).__name__ == lp.type
     assert trp.profile(other, RESNET_INPUT).macs == p.macs_after
@@ -329,9 +309,9 @@ def test_plan_table_mentions_every_layer(resnet20) -> None:
 def test_plan_does_not_change_model(resnet20) -> None:
     """plan only reads the model: modules, weights, BN statistics and the training flag are untouched."""
     model = copy.deepcopy(resnet20).train()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     trp.plan(model, "spatial", trp.speedup(2), input_shape=RESNET_INPUT)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
     assert model.training
 
 
@@ -473,10 +453,10 @@ def test_low_rank_layers_match_decompose(resnet20) -> None:
     from trp.plan import low_rank_layers
 
     model = copy.deepcopy(resnet20)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     p = trp.plan(model, ("channel", "linear"), trp.speedup(2.0), input_shape=RESNET_INPUT)
     new = low_rank_layers(model, p)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
     assert set(new) == {lp.name for lp in p.layers if lp.decomposed}
     reference = trp.decompose_(copy.deepcopy(resnet20), p)
     for name, low in new.items():

@@ -27,13 +27,7 @@ def _metrics(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two OpenMP threads on a shared 2-core machine are slower than one; results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # two OpenMP threads on a shared 2-core machine are slower
 
 
 def test_config_validation() -> None:
