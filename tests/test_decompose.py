@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 import trp
-from trp import schemes, surgery
+from trp import schemes
 from trp import svd as svd_mod
 from trp.errors import TRPError
 from trp.models import create
 from trp.surgery import get_module
-from model_checks import assert_unchanged, built_rank, snapshot
+from model_checks import assert_unchanged, built_rank, fail_third_swap, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -501,16 +501,7 @@ def test_decompose_rolls_back_when_swap_fails(resnet20, monkeypatch) -> None:
     """If the third replacement itself fails mid-swap, the two already made are undone."""
     model = copy.deepcopy(resnet20)
     snap = snapshot(model)
-    real = surgery.set_module
-    calls = []
-
-    def flaky(m, name, new):
-        calls.append(name)
-        if len(calls) == 3:
-            raise RuntimeError("simulated swap failure")
-        real(m, name, new)
-
-    monkeypatch.setattr(surgery, "set_module", flaky)
+    fail_third_swap(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated swap failure"):
         trp.decompose_(model, trp.fixed(2), input_shape=RESNET_INPUT)
     assert_unchanged(model, snap)

@@ -12,9 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import trp
 from trp.errors import TRPError
-from trp.measure import default_input_shape, layer_macs, sample_shape, trace_shapes
+from trp.tracing import default_input_shape, layer_macs, sample_shape, trace_shapes
 from trp.models import create
 from trp.tracing import example_input, trace_calls
+from model_checks import flop_counter_macs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -294,20 +295,6 @@ def test_default_input_shape() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """PyTorch's own count, autograd on (so nn.MultiheadAttention takes its counted slow path), with the
-    formula torch registers for GPU attention kernels given to the CPU flash-attention kernel it misses."""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    def sdpa(q, k, v, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(q, k, v)
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.enable_grad():
-        model(x)
-    return counter.get_total_flops() // 2
-
-
 class _Attention(nn.Module):
     """nn.MultiheadAttention (cross-attention with kdim/vdim, bias_kv, zero_attn) called from a module."""
 
@@ -353,7 +340,7 @@ def test_multihead_attention_counted_like_flop_counter(batch_first, need_weights
     bias_kv and zero_attn included, and agree with FlopCounterMode exactly."""
     model = _Attention(batch_first, need_weights).eval()
     prof = trp.profile(model, (7, 8))
-    assert prof.macs == _flop_counter_macs(model, torch.zeros(1, 7, 8))
+    assert prof.macs == flop_counter_macs(model, torch.zeros(1, 7, 8))
     rows = {(row.name, row.kind): row for row in prof.layers}
     assert rows[("mha", "attention")].type == "MultiheadAttention"
     assert rows[("mha.out_proj", "functional")].macs == 3 * 8 * 8  # 3 queries through the 8×8 output projection
@@ -365,7 +352,7 @@ def test_functional_weights_and_products_counted() -> None:
     for the module computing them; the total is FlopCounterMode's, the unused layer counts nothing."""
     model = _Functional().eval()
     prof = trp.profile(model, (6, 8))
-    assert prof.macs == _flop_counter_macs(model, torch.zeros(1, 6, 8))
+    assert prof.macs == flop_counter_macs(model, torch.zeros(1, 6, 8))
     kinds = {(row.name, row.kind): row.macs for row in prof.layers}
     assert kinds[("qkv", "functional")] == 6 * 8 * 24
     assert kinds[("proj", "functional")] == kinds[("proj", "module")] == 6 * 8 * 8
@@ -390,7 +377,7 @@ def test_folded_batch_counts_every_slice() -> None:
     model = Folded()
     calls = trace_calls(model, (12, 8))
     assert calls["fc"] == [((3, 8), (3, 4))] * 4
-    assert trp.profile(model, (12, 8)).macs == _flop_counter_macs(model, torch.zeros(1, 12, 8)) == 12 * 32
+    assert trp.profile(model, (12, 8)).macs == flop_counter_macs(model, torch.zeros(1, 12, 8)) == 12 * 32
 
 
 def test_cross_check_warns_on_disagreement() -> None:
@@ -468,4 +455,4 @@ def test_timm_and_transformers_declared_shapes() -> None:
     prof = trp.profile(gpt)
     conv1d = [row for row in prof.layers if row.type == "Conv1D"]
     assert len(conv1d) == 4 and all(row.kind == "module" for row in conv1d)
-    assert prof.macs == _flop_counter_macs(gpt, torch.zeros(1, 40, dtype=torch.long))
+    assert prof.macs == flop_counter_macs(gpt, torch.zeros(1, 40, dtype=torch.long))

@@ -12,7 +12,7 @@ import trp.decompose
 import trp.svd
 from trp import schemes
 from trp.errors import TRPError
-from trp.measure import trace_calls
+from trp.tracing import trace_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import trp
-from trp import surgery
 from trp.surgery import aliases, default_filter, get_module, replace_modules, set_module, unwrap
+from model_checks import fail_third_swap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,16 +94,7 @@ def test_replace_modules_rolls_back_when_a_swap_fails(monkeypatch) -> None:
     lin, head = nn.Linear(3, 3), nn.Linear(3, 3)
     seq = nn.Sequential(lin, nn.ReLU(), lin, head)
     before = list(seq)
-    real = surgery.set_module
-    calls = []
-
-    def flaky(m, name, new):
-        calls.append(name)
-        if len(calls) == 3:
-            raise RuntimeError("simulated swap failure")
-        real(m, name, new)
-
-    monkeypatch.setattr(surgery, "set_module", flaky)
+    calls = fail_third_swap(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated swap failure"):
         replace_modules(seq, {"0": nn.Identity(), "3": nn.Identity()})
     assert calls[:3] == ["0", "2", "3"]

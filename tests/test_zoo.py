@@ -20,13 +20,13 @@ from typing import Callable
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import trp
 import trp.schemes
 from trp.attention import unfuse_attention_
 from trp.tracing import example_input
 from trp.surgery import get_module, replace_modules
+from model_checks import flop_counter_macs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,16 +107,6 @@ def _eligible(module: nn.Module, name: str) -> bool:
     return (kind is nn.Conv2d and module.groups == 1) or kind is nn.Linear or conv1d
 
 
-def _flop_counter_macs(model: nn.Module, x: Tensor) -> int:
-    def sdpa(q, k, v, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(q, k, v)
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter, torch.enable_grad():
-        model(x)
-    return counter.get_total_flops() // 2
-
-
 def _output(y: object) -> Tensor:
     """The tensor a model returns (HF models return an output object)."""
     if isinstance(y, Tensor):
@@ -140,7 +130,7 @@ def _random_input(model: nn.Module, shape: tuple[int, ...], batch: int = 2) -> T
 def test_profile_matches_flop_counter(zoo, name) -> None:
     """profile counts within 1 % of FlopCounterMode: attention, functional weights and products included."""
     model, shape = zoo(name)
-    reference = _flop_counter_macs(model, example_input(model, shape))
+    reference = flop_counter_macs(model, example_input(model, shape))
     prof = trp.profile(model, shape)
     assert abs(prof.macs - reference) <= 0.01 * reference, (prof.macs, reference)
 
@@ -151,13 +141,13 @@ def test_speedup_two_is_measured_after_decomposition(zoo, name) -> None:
     FlopCounterMode count half the MACs, within 2 %; unfusing alone changes no MAC."""
     model, shape = zoo(name)
     x = example_input(model, shape)
-    fused = _flop_counter_macs(model, x)
+    fused = flop_counter_macs(model, x)
     model = copy.deepcopy(model)
     unfuse_attention_(model)
-    before = _flop_counter_macs(model, x)
+    before = flop_counter_macs(model, x)
     assert before == fused
     trp.decompose_(model, trp.speedup(2.0), _eligible, scheme="auto", input_shape=shape)
-    after = _flop_counter_macs(model, x)
+    after = flop_counter_macs(model, x)
     assert abs(before / after / 2.0 - 1) < 0.02, before / after
     assert _output(model(_random_input(model, shape))).isfinite().all()
 

@@ -204,7 +204,7 @@ class TRP:
             each layer at the rank it had, so the rest of training recovers at fixed ranks
             instead of losing a little more rank (and accuracy) at every projection.
         input_shape: One sample's shape, for the MACs accounting of ``speedup`` (default
-            :func:`trp.measure.default_input_shape`).
+            :func:`trp.tracing.default_input_shape`).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))

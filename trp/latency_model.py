@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from trp import runtimes, schemes
 from trp.errors import TRPError
 from trp.io import atomic_write_text
-from trp.measure import layer_macs, sample_shape, trace_calls
+from trp.tracing import layer_macs, sample_shape, trace_calls
 from trp.surgery import FilterFn
 from trp.validate import number, whole
 

@@ -25,20 +25,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from trp.errors import TRPError
-from trp.tracing import (  # re-exported: the tracing helpers were measure's before trp.tracing existed
-    COUNTED,
-    cannot_take,
-    default_input_shape,
-    example_input,
-    layer_macs,
-    sample_shape,
-    trace,
-    trace_calls,
-    trace_shapes,
-)
+from trp.tracing import cannot_take, example_input, sample_shape, trace
 
-__all__ = ["COUNTED", "LayerCost", "Profile", "layer_macs", "default_input_shape", "sample_shape", "trace_calls",
-           "trace_shapes", "profile", "reference_macs", "cross_check", "benchmark_module", "latency_ms"]
+__all__ = ["LayerCost", "Profile", "profile", "reference_macs", "cross_check", "benchmark_module", "latency_ms"]
 
 
 @dataclass
@@ -84,7 +73,7 @@ class Profile:
 def profile(model: nn.Module, input_shape: Sequence[int] | None = None, check: bool = False) -> Profile:
     """Count MACs and parameters, traced at ``input_shape`` (one sample; a leading batch dimension
     such as ``(1, 3, 32, 32)`` is understood, see :func:`sample_shape`; None: the model's
-    :func:`default_input_shape`).
+    :func:`trp.tracing.default_input_shape`).
 
     One row per layer (and per module computing activation products, kind ``product``); a layer
     called several times sums its calls. ``check=True`` also runs :func:`cross_check`, which warns

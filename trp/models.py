@@ -390,7 +390,7 @@ def _check_name(name: str) -> None:
 def default_input_size(name: str) -> int:
     """Return the image side a zoo model was designed for (informational only).
 
-    Other sources declare theirs on the model (see :func:`trp.measure.default_input_shape`).
+    Other sources declare theirs on the model (see :func:`trp.tracing.default_input_shape`).
 
     Args:
         name: One of :func:`names`.

@@ -286,7 +286,7 @@ def plan(
             per-layer ranks ``{name: k}``.
         filter_fn: ``filter_fn(module, name) -> bool`` picks the layers to consider.
         input_shape: One sample's shape for MACs accounting (default:
-            :func:`trp.measure.default_input_shape`).
+            :func:`trp.tracing.default_input_shape`).
 
     Returns:
         A :class:`Plan` listing every conv and Linear layer (and ``nn.MultiheadAttention``), with

@@ -51,7 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from trp.errors import TRPError
-from trp.measure import benchmark_module, sample_shape
+from trp.measure import benchmark_module
+from trp.tracing import sample_shape
 from trp.validate import choice, number, whole
 
 __all__ = ["Runtime", "RUNTIMES", "SEED", "COMPILE_TIMEOUT", "Timings", "names", "get", "available",

@@ -29,7 +29,7 @@ from trp.attention import UnfusedMultiheadAttention
 from trp.checkpoint import (MODEL_FILE, MODEL_PREFIX, check_finite, find_file, load_weights, read_safetensors,
                             strip_prefix, with_prefix, write_safetensors)
 from trp.errors import TRPError
-from trp.measure import example_input, sample_shape
+from trp.tracing import example_input, sample_shape
 from trp.plan import Plan
 from trp.structure import INSTANCE, ModelSpec, build_model, check_fits, replay
 from trp.surgery import get_module
@@ -153,7 +153,7 @@ def save(model: nn.Module, folder: str | Path, plan: Plan | None = None, input_s
         plan: The plan the model was decomposed with, or None.
         input_shape: One sample's shape; default what the model declares (torchvision ``image_size``,
             timm ``img_size``, Hugging Face ``config.image_size``, see
-            :func:`trp.measure.default_input_shape`).
+            :func:`trp.tracing.default_input_shape`).
         num_classes: Output classes; default the last dimension of the model's output on one example.
         source, kwargs: How to build the architecture, if :func:`trp.models.create` can.
         dataset: A name recorded for ``trp eval`` (optional).

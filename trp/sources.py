@@ -227,7 +227,7 @@ class HFClassifier(nn.Module):
 
     transformers models take ``pixel_values=`` and return an output object; trp's loops, profile and
     ONNX export need a tensor. ``config`` is the wrapped model's (its ``image_size`` and
-    ``num_channels`` give :func:`trp.measure.default_input_shape`).
+    ``num_channels`` give :func:`trp.tracing.default_input_shape`).
 
     Example:
         >>> import torch

@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 from trp import rank as rank_mod
 from trp import schemes
 from trp.errors import TRPError
-from trp.measure import layer_macs, sample_shape, trace_shapes
+from trp.tracing import layer_macs, sample_shape, trace_shapes
 from trp.plan import LayerPlan, Plan
 from trp.surgery import FilterFn, default_filter, replace_modules, unwrap
 from trp.validate import choice
