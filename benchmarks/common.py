@@ -47,7 +47,8 @@ CONV_SCHEMES: tuple[str, ...] = schemes.names_for(torch.nn.Conv2d(2, 2, 3))
 SINGLE_MATRIX_SCHEMES: tuple[str, ...] = tuple(n for n in CONV_SCHEMES if not schemes.get(n).batched)
 
 REQUIRED_KEYS = ("method", "scheme", "acc_before", "acc_after", "macs_speedup", "params", "latency_speedup_b1",
-                 "latency_speedup_b128", "epoch_time_ratio")
+                 "latency_speedup_b128", "epoch_time_ratio", "runtimes", "best_runtime", "best_runtime_b1",
+                 "best_runtime_b128", "best_speedup_b1", "best_speedup_b128")
 
 
 class Log:

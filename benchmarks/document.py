@@ -25,7 +25,7 @@ __all__ = ["Measurements", "recorded", "baseline_entry", "method_entry", "settin
 SETTING_KEYS = ("model", "dataset", "data_dir", "epochs", "finetune", "finetune_lr", "lr", "batch_size", "seed", "device",
                 "energy", "speedup", "energy_ramp", "freeze", "period", "nuclear", "nuclear_only", "orth", "sparsity",
                 "jobs", "threads", "min_run_time", "latency_rounds", "timing_rounds", "timing_threads", "quick",
-                "resume_existing")
+                "resume_existing", "runtimes", "compile_timeout", "latency_speedup", "latency_runtime")
 METHOD_ORDER = ("posthoc", "posthoc+ft", "nuclear", "trp", "trp+nuclear", "svd")  # rows of each scheme
 
 
@@ -90,6 +90,24 @@ def _times(args: argparse.Namespace, m: Measurements, method: str, scheme: str, 
     return t["epoch_time_s"], t["epoch_time_s"] / t_base, train_ratio, kept
 
 
+def prediction(r: dict, la: dict) -> dict:
+    """A latency budget's predicted whole-model time beside the latency phase's measurement of the same
+    runtime and batch (``predicted_error`` = predicted / measured − 1); nothing without a prediction.
+
+    Example:
+        >>> prediction({"predicted_ms_after": 11.0, "predicted_runtime": "eager", "predicted_batch_size": 128},
+        ...            {"runtimes": {"eager": {"latency_ms_b128": 10.0}}})["predicted_error"]
+        0.1
+    """
+    if r.get("predicted_ms_after") is None:
+        return {}
+    runtime, batch = r["predicted_runtime"], r["predicted_batch_size"]
+    measured = la.get("runtimes", {}).get(runtime, {}).get(f"latency_ms_b{batch}")
+    return {"predicted_ms_after": r["predicted_ms_after"], "predicted_runtime": runtime, "predicted_batch_size": batch,
+            "measured_ms_after": measured,
+            "predicted_error": None if measured is None else round(r["predicted_ms_after"] / measured - 1, 4)}
+
+
 def method_entry(args: argparse.Namespace, m: Measurements, method: str, scheme: str) -> dict:
     """The entry of one compressed method and scheme, its speed-ups against the dense baseline."""
     r = m.reports[(method, scheme)]
@@ -110,7 +128,7 @@ def method_entry(args: argparse.Namespace, m: Measurements, method: str, scheme:
         "epoch_time_s": epoch_time_s, "epoch_time_ratio": round(ratio, 4), "train_time_ratio": round(train_ratio, 4),
         "train_epoch_time_s_parallel": ti["epoch_time_s_parallel"], "train_wall_s_parallel": ti["wall_s_parallel"],
         "final_mean_rank": None if method in POSTHOC else ti["final_mean_rank"],
-        "train_acc": None if method in POSTHOC else ti["train_acc"], "notes": method_notes,
+        "train_acc": None if method in POSTHOC else ti["train_acc"], "notes": method_notes, **prediction(r, la),
     }
 
 
@@ -127,7 +145,9 @@ def notes(args: argparse.Namespace, n_test: int) -> list[str]:
     return [
         f"Every method trained {args.epochs} epochs: lr {args.lr:g} (cosine), batch {args.batch_size}, seed {args.seed}, "
         "the same data order. trp / trp+nuclear: "
-        + (f"ranks for {args.speedup:g}x fewer MACs, ramped up from 1x" if args.speedup else
+        + (f"ranks for {args.latency_speedup:g}x less measured time ({args.latency_runtime}, batch 128), ramped up "
+           "from 1x" if getattr(args, "latency_speedup", 0) else
+           f"ranks for {args.speedup:g}x fewer MACs, ramped up from 1x" if args.speedup else
            f"energy {args.energy:g}, ramped down from 1.0")
         + f" over {args.energy_ramp:g} epochs, projection every {args.period} steps"
         + (f", ranks fixed after epoch {args.freeze:g}" if args.freeze is not None else "") + "; "
@@ -137,10 +157,13 @@ def notes(args: argparse.Namespace, n_test: int) -> list[str]:
         "for svd; planned layers whose decomposed form measured slower at batch 128 stay dense (trp.compress).",
         "posthoc / posthoc+ft: the baseline decomposed at speedup:<the MACs speed-up of trp+nuclear, same scheme> with the "
         "per-layer latency check off, so that the MACs really match.",
-        f"Latency: torch.utils.benchmark on the CPU, warm-up then the median of repeated blocks ({args.min_run_time:g} s per "
-        f"measurement), {args.threads} thread(s), inference_mode, BatchNorm folded, the faster of contiguous and "
-        f"channels-last; every model in each of {args.latency_rounds} round(s), order alternating, its fastest round kept; "
-        "speed-ups against the dense baseline measured the same way.",
+        f"Latency: on the CPU, random-normal input, warm-up then the median of repeated blocks ({args.min_run_time:g} s per "
+        f"measurement), {args.threads} thread(s), BatchNorm folded, in every runtime of {', '.join(args.runtime_list)} "
+        f"(torch.compile limited to {args.compile_timeout:g} s per compilation); every model in each of "
+        f"{args.latency_rounds} round(s), order alternating, per runtime and batch its fastest round kept. "
+        "latency_ms_* and latency_speedup_*: PyTorch eager in the faster of contiguous and channels-last, against the "
+        "dense baseline measured the same way; best_speedup_*: the dense baseline in its own fastest runtime against "
+        "the model in its fastest (runtimes lists each).",
         f"epoch_time_ratio: after all training, {args.timing_rounds} round(s) in this process, each training every run "
         f"for 2 epochs (the first warm-up), one run at a time, in alternating order, {args.timing_threads} thread(s); "
         "the fastest warm epoch of each run over the baseline's. An epoch is its training steps; TRP's one-off end of "

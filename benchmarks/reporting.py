@@ -76,6 +76,30 @@ def _details(doc: dict) -> list[str]:
     return lines
 
 
+def _runtimes(doc: dict) -> list[str]:
+    """Each model in every runtime and in its best (only for results that measured the runtimes)."""
+    if not any("best_speedup_b128" in e for e in doc["methods"]):
+        return []
+    names = list(dict.fromkeys(name for e in doc["methods"] for name in e.get("runtimes", {})))
+    head = ["method", "scheme", *(f"{n} b1 / b128 (ms)" for n in names), "best b1", "best b128",
+            "best-runtime speed-up b1", "best-runtime speed-up b128", "predicted vs measured"]
+    lines = ["", "## Runtimes", "", "Each model in every runtime; the speed-ups are the dense baseline in *its* fastest "
+             "runtime over the model in its fastest.", "", "| " + " | ".join(head) + " |",
+             "|---|---|" + "---:|" * (len(head) - 2)]
+    for e in doc["methods"]:
+        per = [f"{fmt(e['runtimes'][n].get('latency_ms_b1'), '.3f')} / {fmt(e['runtimes'][n].get('latency_ms_b128'))}"
+               if n in e.get("runtimes", {}) else "–" for n in names]
+        pred = (f"{e['predicted_ms_after']:.2f} / {fmt(e.get('measured_ms_after'))} ms "
+                f"({fmt(100 * e['predicted_error'] if e.get('predicted_error') is not None else None, '+.1f', '%')})"
+                if e.get("predicted_ms_after") is not None else "–")
+        lines.append("| " + " | ".join([e["method"], e["scheme"], *per,
+                                         f"{e['best_runtime_b1']} {fmt(e['best_ms_b1'], '.3f')} ms",
+                                         f"{e['best_runtime_b128']} {fmt(e['best_ms_b128'])} ms",
+                                         fmt(e.get("best_speedup_b1"), ".2f", "x"),
+                                         fmt(e.get("best_speedup_b128"), ".2f", "x"), pred]) + " |")
+    return lines
+
+
 def _run(doc: dict) -> list[str]:
     m = doc["machine"]
     lines = ["", "## Notes", "", *(f"- {n}" for n in doc["notes"])]
@@ -93,7 +117,7 @@ def _run(doc: dict) -> list[str]:
 
 def markdown(doc: dict) -> str:
     """``results.md``: the summary table, the targets, details per run, notes and how it was run."""
-    return "\n".join(_summary(doc) + _targets(doc) + _details(doc) + _run(doc))
+    return "\n".join(_summary(doc) + _targets(doc) + _details(doc) + _runtimes(doc) + _run(doc))
 
 
 def plot(doc: dict, path: Path) -> None:

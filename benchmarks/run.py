@@ -45,6 +45,7 @@ from benchmarks.common import (ALL_METHODS, CONV_SCHEMES, DEFAULT_DATA, MACS_SOU
                                REQUIRED_KEYS, SINGLE_MATRIX_SCHEMES, Log, shown_path)
 from benchmarks.reporting import markdown, plot  # noqa: E402
 from trp import rank as rank_mod  # noqa: E402
+from trp import runtimes as rt  # noqa: E402
 from trp.data import load as load_data  # noqa: E402
 from trp.errors import TRPError  # noqa: E402
 from trp.io import atomic_write_text  # noqa: E402
@@ -54,9 +55,9 @@ __all__ = ["REQUIRED_KEYS", "QUICK", "DEFAULTS", "build_parser", "resolve", "run
 
 # What --quick changes (a flag given explicitly still wins), and the defaults otherwise.
 QUICK = {"dataset": "digits", "epochs": 2, "finetune": 1, "period": 5, "min_run_time": 0.02, "timing_rounds": 1,
-         "latency_rounds": 1, "threads": 1}
+         "latency_rounds": 1, "threads": 1, "runtimes": "eager,channels_last,torchscript"}
 DEFAULTS = {"dataset": "cifar10", "epochs": 30, "finetune": 3, "period": 20, "min_run_time": 1.0, "timing_rounds": 3,
-            "latency_rounds": 3, "threads": None}
+            "latency_rounds": 3, "threads": None, "runtimes": ",".join(rt.defaults())}
 
 COUNT, POSITIVE_COUNT = argtype(whole, low=0), argtype(whole, low=1)
 AMOUNT = argtype(number, low=0)
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
       help="rounds of the timing phase; each trains every run 2 epochs, the first warm-up (default 3; --quick 1)")
     a("--timing-threads", type=POSITIVE_COUNT, default=1,
       help="torch threads of the timing phase (default 1, as the training runs; steadier than 2 on a small machine)")
+    a("--runtimes", help=f"comma-separated runtimes of the latency phase (default: {','.join(rt.names())}; --quick "
+      f"{QUICK['runtimes']}; unavailable ones are recorded as skipped with the reason)")
+    a("--compile-timeout", type=argtype(number, low=0, low_open=True), default=rt.COMPILE_TIMEOUT,
+      help="seconds torch.compile may take to compile a model before the runtime is skipped")
+    a("--latency-speedup", type=AMOUNT, default=0.0,
+      help="trp, trp+nuclear: train for this speed-up in measured time (trp.latency) instead of --speedup (0: off)")
+    a("--latency-runtime", default="eager", help="the runtime --latency-speedup is timed in (default eager)")
     a("--quick", action="store_true", help="tiny budget on digits: checks the harness in about a minute")
     return p
 
@@ -150,6 +158,10 @@ def _check_methods(args: argparse.Namespace) -> None:
     if 0 < args.speedup < 1:
         raise TRPError(f"--speedup must be >= 1 (or 0 for --energy), got {args.speedup}")
     args.method_list = _split(args.methods, ALL_METHODS, "methods")
+    args.runtime_list = _split(args.runtimes, rt.names(), "runtimes")
+    args.latency_runtime = rt.get(args.latency_runtime).name
+    if 0 < args.latency_speedup < 1:
+        raise TRPError(f"--latency-speedup must be >= 1 (or 0 for none), got {args.latency_speedup}")
     args.scheme_list = _split(args.schemes, CONV_SCHEMES, "schemes")
     batched = [s for s in args.scheme_list if s not in SINGLE_MATRIX_SCHEMES]
     if batched and {"svd", *POSTHOC} & set(args.method_list):

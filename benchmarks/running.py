@@ -4,8 +4,11 @@
 thread; (2) each trained low-rank run is compressed with :func:`trp.compress.compress`; (3) the
 baseline is decomposed post hoc at the same MACs; (4) training epochs are timed again, one run at
 a time in this process, so that the epoch-time ratios are not disturbed by parallel runs; (5)
-inference of every model is timed at batch 1 and 128 (``torch.utils.benchmark``, warm-up, median
-of repeated blocks), every model once per round, in alternating order, keeping its fastest round.
+inference of every model is timed at batch 1 and 128 in every runtime of :mod:`trp.runtimes`
+(``--runtimes``: eager, channels-last, TorchScript, torch.compile, ONNX Runtime; warm-up, median of
+repeated blocks), every model once per round, in alternating order, keeping per runtime and batch
+its fastest round; each model's best runtime and its speed-up against the dense model in *its*
+best runtime come from those times (:func:`runtime_fields`).
 
 Example:
     >>> with torch_threads(1):
@@ -34,14 +37,15 @@ from benchmarks.common import MACS_SOURCES, POSTHOC, REPO, TRAINED, folder
 from trp.bn import fold_bn_
 from trp.checkpoint import CHECKPOINT_FILE
 from trp.saving import load_model
-from trp.compress import best_latency, compress
+from trp import runtimes as rt
+from trp.compress import compress
 from trp.errors import TRPError
 from trp.io import atomic_write_text
 from trp.measure import Profile, profile
 from trp.train import TrainConfig, train
 
 __all__ = ["train_configs", "read_metrics", "run_state", "train_all", "compress_all", "time_epochs",
-           "measure_latency", "latency_phase", "torch_threads"]
+           "measure_latency", "runtime_fields", "latency_phase", "torch_threads"]
 
 Logger = Callable[[str], None]
 BATCHES = (1, 128)  # the batch sizes of the latency phase
@@ -74,8 +78,12 @@ def train_configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
             elif method == "nuclear":
                 c = TrainConfig(**common, method="nuclear", scheme=scheme, nuclear=args.nuclear_only)
             else:
+                # --latency-speedup: ranks for measured time (trp.latency) instead of a MACs budget
+                latency = getattr(args, "latency_speedup", None) or None
                 c = TrainConfig(**common, method="trp", scheme=scheme, nuclear=args.nuclear if method == "trp+nuclear" else 0.0,
-                                speedup=args.speedup or None, freeze=args.freeze)
+                                speedup=None if latency else args.speedup or None, freeze=args.freeze,
+                                **({"latency_speedup": latency, "latency_runtime": args.latency_runtime}
+                                   if latency else {}))
             configs[f"{method}-{scheme}"] = c
     # The baseline is always trained: the accuracy, latency and epoch-time references come from it.
     configs["baseline"] = TrainConfig(**common, method="baseline", nuclear=0.0)
@@ -210,7 +218,8 @@ def compress_all(args: argparse.Namespace, train_info: dict[str, dict],
             rank = args.svd_rank_criterion if method == "svd" else args.rank_criterion
             log(f"compressing {key} with {rank}")
             r = compress(train_info[key]["run"], comp_dir / folder(key), rank, latency_batch=128, check_latency=True,
-                         overwrite=True, log=log, min_run_time=args.min_run_time)
+                         overwrite=True, log=log, min_run_time=args.min_run_time, runtimes=layer_runtimes(args),
+                         compile_timeout=args.compile_timeout)
             reports[(method, scheme)] = {**r, "folder": str(comp_dir / folder(key))}
     macs_source: dict[str, str] = {}
     if not set(POSTHOC) & set(args.method_list):
@@ -226,7 +235,8 @@ def compress_all(args: argparse.Namespace, train_info: dict[str, dict],
             log(f"post-hoc SVD of the baseline ({scheme}) at the MACs of {src} ({target:.3f}x), {ft} fine-tuning epoch(s)")
             r = compress(train_info["baseline"]["run"], comp_dir / folder(key), f"speedup:{target!r}", scheme=scheme,
                          finetune_epochs=ft, finetune_lr=args.finetune_lr, latency_batch=128, check_latency=False,
-                         overwrite=True, log=log, min_run_time=args.min_run_time)
+                         overwrite=True, log=log, min_run_time=args.min_run_time, runtimes=layer_runtimes(args),
+                         compile_timeout=args.compile_timeout)
             reports[(method, scheme)] = {**r, "folder": str(comp_dir / folder(key)), "macs_target": target}
     return reports, macs_source
 
@@ -262,25 +272,78 @@ def time_epochs(args: argparse.Namespace, configs: dict[str, TrainConfig], log: 
     return out
 
 
-def measure_latency(model: torch.nn.Module, input_shape: list[int], min_run_time: float) -> dict:
-    """``latency_ms_bN`` and ``memory_format_bN`` at each batch size, the faster memory format of each."""
+def layer_runtimes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The runtimes compress times in (the latency phase times every one of ``--runtimes``): all but
+    torch.compile, whose ~20 s per model and batch the latency phase pays once per round instead."""
+    return tuple(name for name in args.runtime_list if name != "compile") or ("eager",)
+
+
+def measure_latency(model: torch.nn.Module, input_shape: list[int], min_run_time: float,
+                    runtimes: tuple[str, ...] | None = None, compile_timeout: float = rt.COMPILE_TIMEOUT) -> rt.Timings:
+    """The model in every runtime at each batch size of :data:`BATCHES` (see :func:`trp.runtimes.measure_all`)."""
+    return rt.measure_all(model, input_shape, BATCHES, runtimes, min_run_time=min_run_time,
+                          compile_timeout=compile_timeout)
+
+
+def _eager_fields(t: rt.Timings) -> dict:
+    """``latency_ms_bN`` / ``memory_format_bN``: PyTorch eager in its faster memory format (the fields of before #14)."""
     out = {}
-    for batch in BATCHES:
-        ms, fmt = best_latency(model, input_shape, batch, min_run_time=min_run_time)
-        out[f"latency_ms_b{batch}"] = round(ms, 5)
-        out[f"memory_format_b{batch}"] = fmt
+    for b in BATCHES:
+        eager = {name: t[name] for name in ("eager", "channels_last") if b in t.get(name, {})}
+        name, ms = rt.best(eager or t, b)
+        out[f"latency_ms_b{b}"] = round(ms, 5)
+        out[f"memory_format_b{b}"] = rt.RUNTIMES[name].memory_format if eager else name
     return out
+
+
+def runtime_fields(t: rt.Timings, dense: rt.Timings | None = None) -> dict:
+    """A results entry's runtime fields: ``runtimes`` ({runtime: {latency_ms_b1, latency_ms_b128}}), each
+    batch's best runtime and time, ``best_runtime`` (at batch 128) and, against ``dense``, its best runtime
+    and time and ``best_speedup_bN`` = dense best / this best.
+
+    Example:
+        >>> d = rt.Timings({"eager": {1: 2.0, 128: 90.0}, "onnxruntime": {1: 0.5, 128: 45.0}})
+        >>> c = rt.Timings({"eager": {1: 1.0, 128: 30.0}, "onnxruntime": {1: 0.4, 128: 36.0}})
+        >>> f = runtime_fields(c, d)
+        >>> f["best_runtime_b128"], f["best_speedup_b128"], f["best_speedup_b1"], f["runtimes"]["eager"]
+        ('eager', 1.5, 1.25, {'latency_ms_b1': 1.0, 'latency_ms_b128': 30.0})
+    """
+    out: dict[str, Any] = {"runtimes": {name: {f"latency_ms_b{b}": round(ms, 5) for b, ms in sorted(by_b.items())}
+                                        for name, by_b in t.items()},
+                           "runtimes_skipped": dict(t.skipped), "threads": t.threads, **_eager_fields(t)}
+    for b in BATCHES:
+        name, ms = rt.best(t, b)
+        out[f"best_runtime_b{b}"], out[f"best_ms_b{b}"] = name, round(ms, 5)
+        if dense is not None:
+            d_name, d_ms = rt.best(dense, b)
+            out[f"dense_best_runtime_b{b}"], out[f"dense_best_ms_b{b}"] = d_name, round(d_ms, 5)
+            out[f"best_speedup_b{b}"] = round(d_ms / ms, 4)
+    out["best_runtime"] = out[f"best_runtime_b{BATCHES[-1]}"]
+    return out
+
+
+def _keep_fastest(best: rt.Timings | None, new: rt.Timings) -> rt.Timings:
+    """Per runtime and batch the faster of two rounds (a runtime skipped in one round keeps the other's)."""
+    if best is None:
+        return new
+    for name, by_b in new.items():
+        for b, ms in by_b.items():
+            if ms < best.setdefault(name, {}).get(b, float("inf")):
+                best[name][b] = ms
+    return best
 
 
 def latency_phase(args: argparse.Namespace, train_info: dict[str, dict], reports: dict[tuple[str, str], dict],
                   log: Logger) -> tuple[Profile, dict, dict[tuple[str, str], dict]]:
-    """(5) The dense baseline's profile and latency, and every compressed model's latency.
+    """(5) The dense baseline's profile and latency, and every compressed model's, in every runtime.
 
     BatchNorm is folded everywhere; every model is timed once per round, the order alternating,
-    each keeping its fastest round, so that a slow spell of the machine hits all models alike.
+    each keeping per runtime and batch its fastest round, so that a slow spell of the machine hits
+    all models alike. Returns the dense model's and each compressed model's entry fields
+    (:func:`runtime_fields`).
     """
-    log(f"latency phase: batch 1 and 128, {args.latency_rounds} round(s), {args.min_run_time:g} s per "
-        f"measurement, {args.threads} thread(s)")
+    log(f"latency phase: batch 1 and 128 in {', '.join(args.runtime_list)}, {args.latency_rounds} round(s), "
+        f"{args.min_run_time:g} s per measurement, {args.threads} thread(s)")
     dense, spec, _ = load_model(train_info["baseline"]["run"], "cpu")
     fold_bn_(dense.eval())
     dense_prof = profile(dense, spec.input_shape)
@@ -288,19 +351,21 @@ def latency_phase(args: argparse.Namespace, train_info: dict[str, dict], reports
     for key, r in reports.items():
         model, mspec, _ = load_model(r["folder"], "cpu")
         models[key] = (model, mspec.input_shape)
-    best: dict[tuple[str, str], dict] = {}
+    best: dict[tuple[str, str], rt.Timings] = {}
     order = list(models)
     for rnd in range(args.latency_rounds):
         for key in order if rnd % 2 == 0 else order[::-1]:
             model, shape = models[key]
-            la = measure_latency(model, shape, args.min_run_time)
-            b = best.setdefault(key, dict(la))
-            for batch in BATCHES:
-                if la[f"latency_ms_b{batch}"] < b[f"latency_ms_b{batch}"]:
-                    b[f"latency_ms_b{batch}"] = la[f"latency_ms_b{batch}"]
-                    b[f"memory_format_b{batch}"] = la[f"memory_format_b{batch}"]
-    dense_lat = best.pop(("baseline", "dense"))
-    log(f"latency baseline: b1 {dense_lat['latency_ms_b1']:.3f} ms, b128 {dense_lat['latency_ms_b128']:.2f} ms")
-    for (method, scheme), la in best.items():
-        log(f"latency {method}-{scheme}: b1 {la['latency_ms_b1']:.3f} ms, b128 {la['latency_ms_b128']:.2f} ms")
-    return dense_prof, dense_lat, best
+            t = measure_latency(model, shape, args.min_run_time, tuple(args.runtime_list), args.compile_timeout)
+            best[key] = _keep_fastest(best.get(key), t)
+    dense_t = best.pop(("baseline", "dense"))
+    dense_lat = runtime_fields(dense_t, dense_t)
+    log(f"latency baseline: best b1 {dense_lat['best_ms_b1']:.3f} ms ({dense_lat['best_runtime_b1']}), best b128 "
+        f"{dense_lat['best_ms_b128']:.2f} ms ({dense_lat['best_runtime_b128']})")
+    out = {}
+    for (method, scheme), t in best.items():
+        la = out[(method, scheme)] = runtime_fields(t, dense_t)
+        log(f"latency {method}-{scheme}: best b1 {la['best_ms_b1']:.3f} ms ({la['best_runtime_b1']}, "
+            f"{la['best_speedup_b1']:.2f}x), best b128 {la['best_ms_b128']:.2f} ms ({la['best_runtime_b128']}, "
+            f"{la['best_speedup_b128']:.2f}x)")
+    return dense_prof, dense_lat, out

@@ -12,6 +12,18 @@ cause that the benchmark did not measure.
 4. TRP's training time per epoch is <= :data:`T_EPOCH` x the baseline's;
 5. the measured CPU latency speed-up at batch 128 is >= :data:`T_LATENCY` x the MACs speed-up.
 
+The targets of #14 (checked only for documents whose entries hold the runtime fields, so that
+older results keep exactly the targets they were written with):
+
+6. trp / trp+nuclear within :data:`T_BEST_ACC` pt of the baseline run, measured in each model's own
+   best runtime, >= :data:`T_BEST_B128` x faster than the dense model at batch 128 and
+   >= :data:`T_BEST_B1` x at batch 1;
+7. that best-runtime speed-up at batch 128 is >= :data:`T_BEST_RATIO` x the MACs speed-up;
+8. where a latency budget predicted the whole-model time, it is within :data:`T_PREDICT` of the measured.
+
+:func:`resnet50_latency` checks the ResNet-50 target (measured >= :data:`T_R50_B1` x at batch 1 in
+the best runtime) and the prediction on the document of ``benchmarks/resnet50_latency.py``.
+
 Example:
     >>> base = {"method": "baseline", "scheme": "dense", "acc_after": 80.0, "train_acc": 90.0}
     >>> trp = {"method": "trp+nuclear", "scheme": "spatial", "acc_before": 79.0, "acc_after": 79.0,
@@ -30,10 +42,13 @@ from benchmarks.common import TRP_METHODS, entry, fmt
 
 __all__ = ["T_SPEEDUP", "T_ACC_LOSS", "T_DECOMP", "T_POSTHOC_GAP", "T_EPOCH", "T_LATENCY", "Context", "TARGETS",
            "check_targets", "accuracy_at_speedup", "decomposition_change", "beats_posthoc", "epoch_time",
-           "latency_ratio"]
+           "latency_ratio", "T_BEST_B128", "T_BEST_B1", "T_BEST_ACC", "T_BEST_RATIO", "T_PREDICT", "T_R50_B1",
+           "best_runtime_speedup", "best_runtime_ratio", "predicted_latency", "resnet50_latency"]
 
 # Targets of the issue (ResNet-20 on cifar10-mini, equal epoch budgets).
 T_SPEEDUP, T_ACC_LOSS, T_DECOMP, T_POSTHOC_GAP, T_EPOCH, T_LATENCY = 2.5, 1.0, 0.3, 2.0, 1.05, 0.8
+# Targets of #14: real speed, each model in its own fastest runtime.
+T_BEST_B128, T_BEST_B1, T_BEST_ACC, T_BEST_RATIO, T_PREDICT, T_R50_B1 = 1.8, 1.5, 1.0, 0.8, 0.10, 1.9
 
 
 @dataclass(frozen=True)
@@ -208,10 +223,91 @@ def latency_ratio(ctx: Context, scheme: str) -> list[dict]:
                            "its MACs speed-up", judge)
 
 
+def _runtimes_measured(ctx: Context) -> bool:
+    return any("best_speedup_b128" in e for e in ctx.entries)
+
+
+def _best_reason(e: dict) -> str:
+    return (f"dense {e.get('dense_best_ms_b128', float('nan')):.2f} ms in {e.get('dense_best_runtime_b128')}, this model "
+            f"{e.get('best_ms_b128', float('nan')):.2f} ms in {e.get('best_runtime_b128')} at batch 128; "
+            f"{e.get('dense_best_ms_b1', float('nan')):.3f} ms in {e.get('dense_best_runtime_b1')} against "
+            f"{e.get('best_ms_b1', float('nan')):.3f} ms in {e.get('best_runtime_b1')} at batch 1")
+
+
+def best_runtime_speedup(ctx: Context, scheme: str) -> list[dict]:
+    """Target 6: within 1.0 pt of the baseline, >= 1.8x (b128) and >= 1.5x (b1) faster, best runtime vs best runtime."""
+    if not _runtimes_measured(ctx):
+        return []
+
+    def judge(method: str, e: dict) -> tuple[str, bool, str, str]:
+        b128, b1, loss = e["best_speedup_b128"], e["best_speedup_b1"], ctx.baseline_acc - e["acc_after"]
+        short = [f"{T_BEST_B128 - b128:.2f}x at batch 128"] if b128 < T_BEST_B128 else []
+        short += [f"{T_BEST_B1 - b1:.2f}x at batch 1"] if b1 < T_BEST_B1 else []
+        short += [f"{loss - T_BEST_ACC:.2f} pt of accuracy"] if loss > T_BEST_ACC else []
+        return (f"{b128:.2f}x (b128), {b1:.2f}x (b1), {loss:+.2f} pt loss", not short, " and ".join(short),
+                f"{_best_reason(e)}; {e['macs_speedup']:.2f}x fewer MACs")
+
+    return _per_trp_method(ctx, scheme, 6, lambda m: f"{m}: within {T_BEST_ACC} pt of the baseline, >= {T_BEST_B128}x "
+                           f"at batch 128 and >= {T_BEST_B1}x at batch 1, each model in its best runtime", judge)
+
+
+def best_runtime_ratio(ctx: Context, scheme: str) -> list[dict]:
+    """Target 7: the best-runtime speed-up at batch 128 is >= 0.8x the MACs speed-up."""
+    if not _runtimes_measured(ctx):
+        return []
+
+    def judge(method: str, e: dict) -> tuple[str, bool, str, str]:
+        ratio = e["best_speedup_b128"] / max(e["macs_speedup"], 1e-9)
+        return (f"{e['best_speedup_b128']:.2f}x measured against {e['macs_speedup']:.2f}x MACs (ratio {ratio:.3f})",
+                ratio >= T_BEST_RATIO, f"{T_BEST_RATIO - ratio:.3f} of the ratio", _best_reason(e))
+
+    return _per_trp_method(ctx, scheme, 7, lambda m: f"{m}: best-runtime speed-up at batch 128 >= {T_BEST_RATIO} x its "
+                           "MACs speed-up", judge)
+
+
+def _prediction(e: dict) -> tuple[str, bool | None, str, str]:
+    err = e.get("predicted_error")
+    if err is None:
+        return "no latency budget predicted this model's time", None, "", ""
+    return (f"predicted {e['predicted_ms_after']:.2f} ms, measured {e['measured_ms_after']:.2f} ms ({100 * err:+.1f}%)",
+            abs(err) <= T_PREDICT + 1e-12, f"{100 * (abs(err) - T_PREDICT):.1f}% of the time",
+            f"{e.get('predicted_runtime')} at batch {e.get('predicted_batch_size')}; the layer table sums each "
+            "layer's time alone, the whole model adds what runs between them")
+
+
+def predicted_latency(ctx: Context, scheme: str) -> list[dict]:
+    """Target 8: a latency budget's predicted whole-model time is within 10 % of the measured one."""
+    if not _runtimes_measured(ctx):
+        return []
+    return _per_trp_method(ctx, scheme, 8, lambda m: f"{m}: predicted whole-model time within {100 * T_PREDICT:g} % "
+                           "of the measured", lambda method, e: _prediction(e))
+
+
+def resnet50_latency(doc: dict) -> list[dict]:
+    """The ResNet-50 target on ``benchmarks/resnet50_latency.py``'s document: >= 1.9x at batch 1 in the best runtime
+    (dense in its best against compressed in its best), and the prediction within 10 %.
+
+    Example:
+        >>> d = {"best_speedup_b1": 1.9, "dense_best_ms_b1": 19.0, "dense_best_runtime_b1": "onnxruntime",
+        ...      "best_ms_b1": 10.0, "best_runtime_b1": "onnxruntime", "macs_speedup": 2.1, "predicted_error": None}
+        >>> [r["status"] for r in resnet50_latency(d)]
+        ['met', 'not run']
+    """
+    s = doc["best_speedup_b1"]
+    reason = (f"dense {doc['dense_best_ms_b1']:.2f} ms in {doc['dense_best_runtime_b1']}, compressed "
+              f"{doc['best_ms_b1']:.2f} ms in {doc['best_runtime_b1']}; {doc['macs_speedup']:.2f}x fewer MACs")
+    first = _record(9, f"torchvision resnet50 at 224x224, {doc.get('rank', 'latency:2')}: >= {T_R50_B1}x at batch 1 "
+                    "in the best runtime", "resnet50", "latency", f"{s:.2f}x", s >= T_R50_B1,
+                    f"{T_R50_B1 - s:.2f}x", reason)
+    return [first, _record(8, f"predicted whole-model time within {100 * T_PREDICT:g} % of the measured", "resnet50",
+                           "latency", *_prediction(doc))]
+
+
 TARGETS: tuple[Callable[[Context, str], list[dict]], ...] = (
-    accuracy_at_speedup, decomposition_change, beats_posthoc, epoch_time, latency_ratio)
+    accuracy_at_speedup, decomposition_change, beats_posthoc, epoch_time, latency_ratio, best_runtime_speedup,
+    best_runtime_ratio, predicted_latency)
 
 
 def check_targets(ctx: Context) -> list[dict]:
-    """Every target for every scheme, in the order scheme by scheme, target 1 to 5."""
+    """Every target for every scheme, in the order scheme by scheme, target 1 to 8."""
     return [record for scheme in ctx.schemes for check in TARGETS for record in check(ctx, scheme)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,12 @@ import torch
 # Real-data tests skip when the shared data folder next to the repository is missing; their skip
 # reasons name a path below it. Under CI=true such a skip is a failure, so CI cannot pass without them.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+# Compression times the models in every runtime by default; torch.compile alone takes 20-30 s per model
+# on the 2-core machine, and the suite compresses dozens. Tests that mean a runtime name it; subprocesses
+# inherit these. The latency cache goes to a fresh folder, so no test reads timings another run left.
+os.environ.setdefault("TRP_RUNTIMES", "eager,channels_last")
+os.environ.setdefault("TRP_CACHE_DIR", tempfile.mkdtemp(prefix="trp-test-cache-"))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -171,8 +171,9 @@ def test_unfuse_attention_by_name_and_errors() -> None:
     model = nn.Sequential(nn.MultiheadAttention(E, HEADS), nn.MultiheadAttention(E, HEADS))
     assert unfuse_attention_(model, ["1"]) == ["1"]
     assert type(model[0]) is nn.MultiheadAttention and isinstance(model[1], UnfusedMultiheadAttention)
-    with pytest.raises(TRPError, match="no nn.MultiheadAttention named '1'"):
-        unfuse_attention_(model, ["1"])
+    assert unfuse_attention_(model, ["1"]) == []  # already unfused: a replay does nothing
+    with pytest.raises(TRPError, match="no nn.MultiheadAttention named '0.out_proj'"):
+        unfuse_attention_(model, ["0.out_proj"])
     with pytest.raises(TRPError, match="no nn.MultiheadAttention named 'nope'"):
         unfuse_attention_(model, ["nope"])
 
@@ -219,3 +220,18 @@ def test_plan_lists_fused_attention_and_decomposes_unfused() -> None:
     assert isinstance(model.attn.q_proj, nn.Sequential) and model.alias is model.attn
     with torch.no_grad():
         assert model(x).shape == before.shape
+
+
+def test_load_into_an_instance_that_is_already_unfused(tmp_path) -> None:
+    """trp.load(folder, model=instance) accepts an instance the user unfused before, as well as a fused one."""
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    unfuse_attention_(model)
+    trp.save(model, tmp_path / "m", input_shape=(L, E))
+    x = torch.randn(2, L, E)
+    fused, unfused = _Encoder(), _Encoder()
+    unfuse_attention_(unfused)
+    for instance in (fused, unfused):
+        loaded = trp.load(tmp_path / "m", model=instance).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))

@@ -58,6 +58,12 @@ def test_quick_benchmark_writes_complete_results(tmp_path):
             assert key in e, (e["method"], e["scheme"], key)
         assert all(math.isfinite(x) for x in _numbers(e)), (e["method"], e["scheme"])
         assert e["macs_speedup"] >= 1.0 and e["params"] > 0
+        # #14: every runtime of --quick measured at both batches, each best among them, best-vs-best speed-ups
+        assert set(e["runtimes"]) == {"eager", "channels_last", "torchscript"}, e["runtimes_skipped"]
+        for b in (1, 128):
+            ms = {name: v[f"latency_ms_b{b}"] for name, v in e["runtimes"].items()}
+            assert e[f"best_runtime_b{b}"] == min(ms, key=ms.get) and e[f"best_ms_b{b}"] == min(ms.values())
+            assert e[f"best_speedup_b{b}"] == pytest.approx(e[f"dense_best_ms_b{b}"] / e[f"best_ms_b{b}"], rel=1e-3)
         assert e["latency_speedup_b1"] > 0 and e["latency_speedup_b128"] > 0 and e["epoch_time_ratio"] > 0
     base = next(e for e in doc["methods"] if e["method"] == "baseline")
     assert base["acc_after"] == doc["baseline_acc"] and base["epoch_time_ratio"] == 1.0
@@ -65,8 +71,9 @@ def test_quick_benchmark_writes_complete_results(tmp_path):
         tn = next(e for e in doc["methods"] if (e["method"], e["scheme"]) == ("trp+nuclear", scheme))
         ph = next(e for e in doc["methods"] if (e["method"], e["scheme"]) == ("posthoc", scheme))
         assert abs(ph["macs_speedup"] - tn["macs_speedup"]) / tn["macs_speedup"] < 0.05
-    assert {t["id"] for t in doc["targets"]} == {1, 2, 3, 4, 5}
-    assert all(t["status"] in ("met", "missed") for t in doc["targets"])
+    assert {t["id"] for t in doc["targets"]} == {1, 2, 3, 4, 5, 6, 7, 8}
+    assert all(t["status"] in ("met", "missed") for t in doc["targets"] if t["id"] != 8)
+    assert {t["status"] for t in doc["targets"] if t["id"] == 8} == {"not run"}  # no latency budget in this run
 
     # Folders are recorded as the user gave them (here absolute temporary paths), nothing of the repository's.
     text = (out / "results.json").read_text()
@@ -75,7 +82,7 @@ def test_quick_benchmark_writes_complete_results(tmp_path):
 
     md = (out / "results.md").read_text()
     assert "| method | scheme | acc before (%) | acc after (%) |" in md
-    assert "| trp+nuclear | spatial |" in md and "## Targets" in md and "wall time" in md
+    assert "| trp+nuclear | spatial |" in md and "## Targets" in md and "wall time" in md and "## Runtimes" in md
     png = (out / "accuracy_vs_speedup.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -103,6 +110,9 @@ def test_paths_recorded_relative_to_the_repository_or_as_given(tmp_path):
     (["--methods", "posthoc"], "posthoc needs a low-rank method"),
     (["--svd-rank", "speedup:2"], "--svd-rank cannot be a speedup"),
     (["--name", "a/b"], "--name must be a plain folder name"),
+    (["--runtimes", "eager,tensorrt"], "unknown runtime 'tensorrt' in --runtimes"),
+    (["--latency-speedup", "0.5"], "--latency-speedup must be >= 1"),
+    (["--latency-runtime", "bogus"], "unknown runtime"),
 ])
 def test_bad_input_is_one_line_and_status_2(capsys, argv, message):
     rc = _load_run().main(argv)

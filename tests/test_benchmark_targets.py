@@ -177,6 +177,78 @@ def test_target5_both_sides(method, latency, met):
         assert r["missed_by"] == "0.001 of the ratio" and "10.00 ms against 19.98 ms dense" in r["reason"]
 
 
+# ---- targets of #14: each model in its best runtime; predicted vs measured
+
+BEST = {"best_speedup_b128": 2.0, "best_speedup_b1": 1.5, "best_ms_b128": 10.0, "best_runtime_b128": "onnxruntime",
+        "dense_best_ms_b128": 20.0, "dense_best_runtime_b128": "onnxruntime", "best_ms_b1": 0.4,
+        "best_runtime_b1": "torchscript", "dense_best_ms_b1": 0.6, "dense_best_runtime_b1": "onnxruntime",
+        "predicted_error": 0.1, "predicted_ms_after": 11.0, "measured_ms_after": 10.0, "predicted_runtime": "eager",
+        "predicted_batch_size": 128}
+
+
+def _best(method: str, **changes) -> list[dict]:
+    entries = copy.deepcopy(_entries())
+    for e in entries:
+        if e["method"] != "baseline":
+            e.update(BEST)
+    next(e for e in entries if e["method"] == method).update(changes)
+    return entries
+
+
+@pytest.mark.parametrize("method", ["trp+nuclear", "trp"])
+@pytest.mark.parametrize("changes, met, missed_by", [
+    ({"best_speedup_b128": 1.8}, True, ""),
+    ({"best_speedup_b128": 1.79}, False, "0.01x at batch 128"),
+    ({"best_speedup_b1": 1.49}, False, "0.01x at batch 1"),
+    ({"acc_after": 78.9}, False, "0.10 pt of accuracy"),
+    ({"best_speedup_b128": 1.7, "best_speedup_b1": 1.4}, False, "0.10x at batch 128 and 0.10x at batch 1"),
+])
+def test_target6_both_sides_of_every_threshold(method, changes, met, missed_by):
+    """>= 1.8x at b128 and >= 1.5x at b1 in the best runtimes, <= 1.0 pt loss: exactly at each is met, past it missed."""
+    r = _status(T.best_runtime_speedup, _best(method, **changes), method=method)
+    assert _met(r) is met and r["missed_by"] == missed_by
+    if not met:
+        assert "dense 20.00 ms in onnxruntime, this model 10.00 ms in onnxruntime at batch 128" in r["reason"]
+
+
+@pytest.mark.parametrize("method", ["trp+nuclear", "trp"])
+@pytest.mark.parametrize("best, met", [(2.0, True), (1.9975, False), (3.0, True)])
+def test_target7_best_runtime_ratio_both_sides(method, best, met):
+    """best-runtime speed-up at b128 / MACs speed-up >= 0.8: 2.0 / 2.5 is met, 1.9975 / 2.5 = 0.799 missed."""
+    r = _status(T.best_runtime_ratio, _best(method, best_speedup_b128=best), method=method)
+    assert _met(r) is met
+    if not met:
+        assert r["missed_by"] == "0.001 of the ratio"
+
+
+@pytest.mark.parametrize("err, status", [(0.1, "met"), (-0.1, "met"), (0.1001, "missed"), (-0.1001, "missed"),
+                                         (0.0, "met"), (None, "not run")])
+def test_target8_prediction_within_ten_percent_both_signs(err, status):
+    """|predicted / measured - 1| <= 10 %: at 10 % either way met, just past it missed; no prediction: not run."""
+    r = _status(T.predicted_latency, _best("trp+nuclear", predicted_error=err))
+    assert r["status"] == status
+    if status == "missed":
+        assert r["missed_by"] == "0.0% of the time" and "eager at batch 128" in r["reason"]
+
+
+def test_targets_of_14_are_left_out_of_documents_without_runtimes():
+    """Results written before the runtimes were measured keep exactly targets 1 to 5."""
+    ids = {r["id"] for r in T.check_targets(_ctx(_entries()))}
+    assert ids == {1, 2, 3, 4, 5}
+    assert {r["id"] for r in T.check_targets(_ctx(_best("trp")))} == {1, 2, 3, 4, 5, 6, 7, 8}
+
+
+@pytest.mark.parametrize("b1, met", [(1.9, True), (1.89, False)])
+def test_resnet50_target_both_sides(b1, met):
+    """ResNet-50 at latency:2: >= 1.9x at batch 1 in the best runtime; the prediction judged like target 8."""
+    doc = {**BEST, "best_speedup_b1": b1, "macs_speedup": 2.1, "rank": "latency:2", "predicted_error": -0.2}
+    first, pred = T.resnet50_latency(doc)
+    assert (first["status"] == "met") is met and pred["status"] == "missed"
+    assert first["target"].startswith("torchvision resnet50 at 224x224, latency:2: >= 1.9x")
+    if not met:
+        assert first["missed_by"] == "0.01x"
+
+
 # ---- all targets together
 
 def test_check_targets_order_and_all_met_at_the_thresholds():
@@ -229,7 +301,10 @@ def test_paths_are_recorded_relative_to_the_repository_or_as_given(tmp_path):
 
 # ---- the committed results record no machine paths, and their targets read as the checks write them
 
-@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "benchmarks" / "results").iterdir() if p.is_dir()))
+# Only the folders of run.py and resnet50_latency.py (other benchmarks keep other documents there).
+@pytest.mark.parametrize("folder", sorted(p.name for p in (ROOT / "benchmarks" / "results").iterdir()
+                                          if (p / "results.json").is_file() and (p / "results.md").is_file()
+                                          or p.name == "resnet50-latency"))
 def test_committed_results_are_portable_and_consistent(folder):
     import json
 
@@ -237,5 +312,8 @@ def test_committed_results_are_portable_and_consistent(folder):
     text = (base / "results.json").read_text()
     doc = json.loads(text)
     assert '"/' not in text, "an absolute path in results.json"
+    if doc.get("kind") == "resnet50-latency":  # benchmarks/resnet50_latency.py: its own targets, no markdown
+        assert T.resnet50_latency(doc) == doc["targets"]
+        return
     assert T.check_targets(T.Context.from_doc(doc)) == doc["targets"]
     assert markdown(doc) == (base / "results.md").read_text()

@@ -40,8 +40,10 @@ def compressed(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Pa
     train(TrainConfig(dataset="digits", epochs=1, batch_size=128), root / "run", progress=False, log=lambda s: None)
     # --no-latency-check: on 8x8 inputs the timing check may keep every layer dense, and then the
     # plan (the part trp.load must rebuild) would be empty.
-    rc = main(["compress", str(root / "run"), "--rank", "energy:0.9", "--latency-batch", "8", "--no-latency-check",
-               "--out", str(root / "c"), "--json"])
+    with pytest.MonkeyPatch.context() as mp:  # eager only: torch.compile would take ~20 s per model and batch
+        mp.setenv("TRP_RUNTIMES", "eager")
+        rc = main(["compress", str(root / "run"), "--rank", "energy:0.9", "--latency-batch", "8", "--no-latency-check",
+                   "--out", str(root / "c"), "--json"])
     assert rc == 0
     assert json.loads((root / "c" / "report.json").read_text())["layers_decomposed"] > 0
     return root / "c"
@@ -289,7 +291,23 @@ def test_export_svd_trained_model(svd_model: Path, tmp_path: Path, fmt: str, cap
 
 
 def test_export_names_the_runtime_of_the_latency_figures(compressed: Path, tmp_path: Path) -> None:
-    """The summary says where report.json's latency was measured (PyTorch), not to be read as the export's."""
+    """The summary says where report.json's latency was measured (runtime, format, best runtime per batch, threads),
+    not to be read as the export's."""
     summary = export(compressed, "onnx", tmp_path / "m.onnx")
-    device = json.loads((compressed / "report.json").read_text())["latency_device"]
-    assert summary.endswith(f"report.json's latency was measured in PyTorch on {device}, not in onnxruntime")
+    r = json.loads((compressed / "report.json").read_text())
+    assert summary.endswith(
+        f"report.json's latency was measured in PyTorch eager, the faster memory format ({r['memory_format_after']}); "
+        f"its fastest runtime at batch 1: eager ({r['best_speedup_b1']}x the dense model in its own fastest), "
+        f"at batch 8: eager ({r['best_speedup_b8']}x the dense model in its own fastest); "
+        f"{r['threads']} thread(s), not in onnxruntime")
+
+
+def test_export_of_an_older_report_names_its_device(compressed: Path, tmp_path: Path) -> None:
+    """A report.json from before the runtimes were measured still says where its latency came from."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("model.safetensors", "plan.json"):
+        (old / name).write_bytes((compressed / name).read_bytes())
+    (old / "report.json").write_text(json.dumps({"latency_device": "cpu"}))
+    summary = export(old, "torchscript", tmp_path / "m.pt")
+    assert summary.endswith("report.json's latency was measured in PyTorch on cpu, not in TorchScript")

@@ -278,3 +278,23 @@ def test_plan_takes_a_latency_budget(tmp_path) -> None:
     assert p.criterion == "latency:1.2"
     assert layers["2"].decomposed and 0.2 + layers["2"].rank / 100 <= 0.5 + 1e-9  # within 3 ms / 1.2
     assert not layers["4"].decomposed and "latency:1.2 keeps it dense" in layers["4"].reason
+
+
+def test_rounds_time_every_form_in_turn_and_keep_the_fastest(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With rounds=2 a layer's forms are timed dense, ranks..., dense, ranks... and each keeps its minimum: a spike
+    on the dense form in one round does not pass for a saving."""
+    lays = lat.trace_layers(nn.Sequential(nn.Linear(16, 16)), "linear", input_shape=(16,))
+    order: list[str] = []
+
+    def timer(module, shape, batch):  # type: ignore[no-untyped-def]
+        order.append("dense" if isinstance(module, nn.Linear) else f"r{module[0].out_features}")
+        if isinstance(module, nn.Linear):
+            return 9.0 if len(order) == 1 else 2.0  # a spike in round 1
+        return 1.0 + module[0].out_features / 10 + (0.5 if order.count(order[-1]) == 1 else 0.0)  # round 1 slower
+
+    t = lat.measure_layers(lays, Target(4, cache_dir=str(tmp_path), timer=timer, rounds=2)).layers["0"]
+    ranks = [f"r{k}" for k in t.ranks]
+    assert order == ["dense", *ranks, "dense", *ranks]
+    assert t.dense_ms == 2.0 and t.ms == [1.0 + k / 10 for k in t.ranks]
+    with pytest.raises(TRPError, match="timing rounds must be >= 1"):
+        Target(rounds=0)

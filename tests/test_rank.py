@@ -170,6 +170,7 @@ def test_valid_boundary_values_normalised(make, arg, field: str, expected) -> No
         ("speedup:3", rank_mod.Speedup(3.0)),
         ("value:0.05", rank_mod.Value(0.05)),
         ("fraction:0.5", rank_mod.Fraction(0.5)),
+        ("latency:2", trp.latency(2.0)),
     ],
 )
 def test_parse(text: str, expected) -> None:
@@ -179,7 +180,7 @@ def test_parse(text: str, expected) -> None:
     assert trp.parse(str(got)) == got
 
 
-FORMAT = "rank must look like NAME:NUMBER with NAME one of energy, value, fixed, fraction, speedup"
+FORMAT = "rank must look like NAME:NUMBER with NAME one of energy, value, fixed, fraction, speedup, latency"
 
 
 @pytest.mark.parametrize(
@@ -194,6 +195,7 @@ FORMAT = "rank must look like NAME:NUMBER with NAME one of energy, value, fixed,
         ("energy:1.5", "energy must be <= 1"),
         ("fixed:2.5", "rank must be a whole number"),
         ("value:-1", "singular-value threshold must be >= 0"),
+        ("latency:0.5", "latency speed-up must be >= 1"),
         ("", FORMAT),
     ],
 )
@@ -201,6 +203,16 @@ def test_parse_rejects(text: str, match: str) -> None:
     """A malformed or out-of-range command-line rank is a TRPError, not a ValueError traceback."""
     with pytest.raises(TRPError, match=match):
         trp.parse(text)
+
+
+def test_register_refuses_a_second_meaning() -> None:
+    """A registered name keeps its parser: registering another under it, or a non-word, is an error."""
+    rank_mod.register("latency", trp.latency)  # the same function again: allowed, nothing changes
+    with pytest.raises(TRPError, match="rank criterion 'latency' is already registered"):
+        rank_mod.register("latency", rank_mod.speedup)
+    with pytest.raises(TRPError, match="must be a plain word"):
+        rank_mod.register("a:b", rank_mod.speedup)
+    assert type(trp.parse("latency:3")).__name__ == "Latency"
 
 
 def test_criteria_are_frozen() -> None:

@@ -145,3 +145,13 @@ def test_compile_past_its_time_limit_is_skipped() -> None:
         pytest.skip("torch.compile unavailable here")
     t = measure_all(tiny(), SHAPE, (1,), ("compile",), compile_timeout=0.01, min_run_time=0.01)
     assert dict(t) == {} and t.skipped["compile"] == "did not compile within 0.01 s"
+
+
+def test_token_model_is_timed_on_ids_below_its_vocabulary(one_thread):
+    """A model that starts with nn.Embedding gets random ids, not floats, in eager and in ONNX Runtime."""
+    model = nn.Sequential(nn.Embedding(11, 8), nn.Flatten(), nn.Linear(8 * 6, 3))
+    x = runtimes.example_input(model, (6,), 4)
+    assert x.dtype == torch.int64 and 0 <= int(x.min()) and int(x.max()) < 11 and len(set(x.flatten().tolist())) > 1
+    chosen = ["eager"] + (["onnxruntime"] if runtimes.RUNTIMES["onnxruntime"].check() is None else [])
+    t = runtimes.measure_all(model, (6,), (2,), chosen, min_run_time=0.01)
+    assert sorted(t) == sorted(chosen), t.skipped

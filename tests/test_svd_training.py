@@ -638,3 +638,50 @@ def test_parse_sparsity_rejects(text: str, message: str) -> None:
     """Malformed --sparsity values raise TRPError rather than a traceback."""
     with pytest.raises(TRPError, match=f"^{re.escape(message)}"):
         sl.parse_sparsity(text)
+
+
+# ------------------------------------------------------------------------------------ per-epoch sparsity weight
+
+@pytest.mark.parametrize("text, expected", [("hoyer:10/epoch", ("hoyer", 10.0, True)), ("l1:0.5", ("l1", 0.5, False)),
+                                            (" HOYER:2 / Epoch ", ("hoyer", 2.0, True))])
+def test_parse_sparsity_rate(text: str, expected: tuple) -> None:
+    """--sparsity takes a weight per step (KIND:W) or per epoch (KIND:W/epoch)."""
+    assert sl.parse_sparsity_rate(text) == expected
+
+
+@pytest.mark.parametrize("text, message", [("hoyer:1/step", "sparsity must look like KIND:WEIGHT or KIND:WEIGHT/epoch"),
+                                           ("hoyer:-1/epoch", "sparsity weight in 'hoyer:-1' must be >= 0")])
+def test_parse_sparsity_rate_rejects(text: str, message: str) -> None:
+    """A unit other than /epoch, or a bad weight, is a one-line TRPError."""
+    with pytest.raises(TRPError, match=f"^{re.escape(message)}"):
+        sl.parse_sparsity_rate(text)
+
+
+def test_per_epoch_weight_is_spread_over_the_epochs_steps() -> None:
+    """SVD training with W/epoch adds W / steps_per_epoch per step, so a pass over any dataset gets the same pull."""
+    from types import SimpleNamespace
+
+    from trp.methods import SVDTraining
+
+    for steps in (12, 32):
+        method = SVDTraining(SimpleNamespace(scheme="channel", orth=1.0, sparsity=sl.DEFAULT_SPARSITY, speedup=None,
+                                             freeze=None))
+        method.prepare(_resnet(), None, steps)
+        assert method.losses.sparsity == pytest.approx(10.0 / steps) and method.losses.sparsity_kind == "hoyer"
+    fixed = SVDTraining(SimpleNamespace(scheme="channel", orth=1.0, sparsity="l1:0.3", speedup=None, freeze=None))
+    fixed.prepare(_resnet(), None, 12)
+    assert fixed.losses.sparsity == 0.3  # a per-step weight means what it says
+
+
+@pytest.mark.slow
+def test_default_sparsity_compresses_digits_in_20_epochs(tmp_path: Path) -> None:
+    """Issue #16: 20 epochs of --method svd on digits with the default weight compress at value:0.05 (was 1.00x)."""
+    from trp.compress import compress
+    from trp.train import TrainConfig, train
+
+    run = tmp_path / "svd"
+    summary = train(TrainConfig(dataset="digits", method="svd", epochs=20), run, progress=False, log=lambda s: None)
+    report = compress(run, tmp_path / "small", "value:0.05", check_latency=False, runtimes=["eager"], min_run_time=0.05,
+                      log=lambda s: None)
+    assert report["flops_speedup"] > 1.5, report["flops_speedup"]
+    assert report["acc_after"] > summary["test_acc"] - 2.0 and report["acc_after"] > 90

@@ -43,8 +43,8 @@ def test_config_validation() -> None:
              ({"epochs": 2.5}, "epochs must be a whole number, got 2.5"), ({"speedup": 0.9}, "speedup must be >= 1, got 0.9"),
              ({"speedup": float("inf")}, "speedup must be finite, got inf"), ({"freeze": -1}, "freeze must be >= 0, got -1"),
              ({"freeze": float("nan")}, "freeze must be finite, got nan"),
-             ({"method": "baseline", "speedup": 2.0}, "speedup and freeze shape TRP's ranks; method baseline has none"),
-             ({"method": "svd", "freeze": 1.0}, "speedup and freeze shape TRP's ranks; method svd has none")]
+             ({"method": "baseline", "speedup": 2.0}, "speedup, latency-speedup and freeze shape TRP's ranks; method baseline has none"),
+             ({"method": "svd", "freeze": 1.0}, "speedup, latency-speedup and freeze shape TRP's ranks; method svd has none")]
     for bad, message in cases:
         with pytest.raises(TRPError, match=f"^{re.escape(message)}"):
             TrainConfig(**bad)
@@ -154,7 +154,7 @@ def test_config_file_with_flag_override(tmp_path: Path) -> None:
 
 
 def test_paper_recipes_parse() -> None:
-    """The committed recipes are valid configs with the paper's schedule."""
+    """The committed recipes are valid configs: the paper's schedule, and the fine-tuning recipe of issue #16."""
     from trp.train import load_config_file
 
     root = Path(__file__).resolve().parents[1] / "configs"
@@ -162,6 +162,9 @@ def test_paper_recipes_parse() -> None:
     assert files
     for f in files:
         c = TrainConfig.from_dict(load_config_file(f))
+        if f.name.endswith("_finetune.json"):  # from trained weights: a few epochs, for >= 3x fewer MACs
+            assert c.epochs <= 10 and c.speedup >= 3.0 and c.val_split > 0 and c.init is None
+            continue
         assert c.epochs == 164 and c.lr_steps == (81, 122) and c.weight_decay == 1e-4
 
 

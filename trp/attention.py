@@ -226,7 +226,9 @@ def unfuse_attention_(model: nn.Module, names: Sequence[str] | None = None) -> l
     :class:`UnfusedMultiheadAttention`, in place, under every name it is registered by; returns the
     names replaced (one per module). Works on the meta device too (shapes only).
 
-    Subclasses of ``nn.MultiheadAttention`` are left alone: their forward may differ.
+    Subclasses of ``nn.MultiheadAttention`` are left alone: their forward may differ. A name that
+    already holds an :class:`UnfusedMultiheadAttention` is skipped, so replaying the transform on a
+    model that was unfused before (``trp.load(folder, model=instance)``) does nothing.
 
     Example:
         >>> model = nn.Sequential(nn.MultiheadAttention(8, 2))
@@ -239,6 +241,8 @@ def unfuse_attention_(model: nn.Module, names: Sequence[str] | None = None) -> l
     chosen: dict[int, str] = {}
     for name in names:
         module = modules.get(str(name))
+        if isinstance(module, UnfusedMultiheadAttention):
+            continue
         if type(module) is not nn.MultiheadAttention:
             raise TRPError(f"no nn.MultiheadAttention named {name!r} in this model")
         chosen.setdefault(id(module), str(name))

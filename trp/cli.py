@@ -17,7 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from trp import __version__, methods, schemes, sources
+from trp import __version__, methods, runtimes, schemes, sources
+from trp.bench import bench, parse_ints, report_text, summary
 from trp.compress import compress
 from trp.data import DATASETS
 from trp.data import load as load_data
@@ -27,6 +28,7 @@ from trp.errors import TRPError
 from trp.export import export
 from trp.loop import evaluate, resolve_device
 from trp.measure import profile
+from trp.models import check as check_model
 from trp.models import names as model_names
 from trp.report import write_report
 from trp.saving import load_model
@@ -41,7 +43,9 @@ NUMBER, WHOLE = argtype(number), argtype(whole)
 # Train flags that map one to one onto TrainConfig fields.
 TRAIN_KEYS = ("model", "model_kwargs", "dataset", "data_dir", "download", "skip_bad_images", "method", "scheme",
               "layers", "energy", "energy_ramp", "speedup", "freeze", "period", "nuclear", "orth", "sparsity", "epochs", "lr",
-              "momentum", "weight_decay", "batch_size", "schedule", "seed", "device", "amp")
+              "momentum", "weight_decay", "batch_size", "schedule", "seed", "device", "amp", "init", "teacher",
+              "distill_weight", "distill_temperature", "val_split", "latency_speedup", "latency_runtime",
+              "latency_batch")
 _TRP_ROOT = str(Path(__file__).resolve().parent)
 
 
@@ -79,7 +83,8 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--period", type=WHOLE)
     t.add_argument("--nuclear", type=NUMBER)
     t.add_argument("--orth", type=NUMBER, help="SVD training: orthogonality weight")
-    t.add_argument("--sparsity", help="SVD training: hoyer:W or l1:W")
+    t.add_argument("--sparsity", help="SVD training: hoyer:W or l1:W per optimizer step, or hoyer:W/epoch (W spread "
+                   "over an epoch's steps; default hoyer:10/epoch)")
     t.add_argument("--epochs", type=WHOLE, help="with --resume: train the run on to this many epochs")
     t.add_argument("--lr", type=NUMBER)
     t.add_argument("--momentum", type=NUMBER)
@@ -90,9 +95,25 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--seed", type=WHOLE)
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     t.add_argument("--amp", action="store_true", default=None)
+    t.add_argument("--init", metavar="SOURCE", help="start from trained weights: a trp run or model folder, a "
+                   ".safetensors file or a torch.save'd state_dict (read with weights_only=True); shapes must match")
+    t.add_argument("--teacher", metavar="SOURCE", help="distil from this trained model (the same kinds of source as "
+                   "--init; a trp folder may hold any architecture)")
+    t.add_argument("--distill-weight", type=NUMBER, metavar="W", help="W in [0, 1]: loss = (1-W)·CE + W·T²·KL(teacher || student) "
+                   "(default 0.5)")
+    t.add_argument("--distill-temperature", type=NUMBER, metavar="T", help="T > 0, the soft targets' temperature (default 4)")
+    t.add_argument("--val-split", type=NUMBER, metavar="F", help="hold out a seeded, class-balanced fraction F of "
+                   "the training images for validation; every epoch reports it, the test split is evaluated once "
+                   "at the end")
+    t.add_argument("--latency-speedup", type=NUMBER, metavar="S", help="TRP: choose the ranks for this speed-up "
+                   "in measured time (a per-layer latency table timed on this machine) instead of --speedup")
+    t.add_argument("--latency-runtime", metavar="NAME", help=f"the runtime --latency-speedup is timed in: "
+                   f"{', '.join(runtimes.names())} (default eager)")
+    t.add_argument("--latency-batch", type=WHOLE, metavar="N", help="the batch size --latency-speedup is timed at (default 128)")
     t.add_argument("--out", help="run folder (required unless --resume)")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its last completed epoch "
-                   "(other flags must agree with the run, except --epochs, --device, --data-dir)")
+                   "(other flags must agree with the run, except --epochs, --device, --data-dir, and --teacher if it "
+                   "names the same file)")
     t.add_argument("--overwrite", action="store_true", help="replace whatever run --out holds")
     t.add_argument("--no-progress", action="store_true")
 
@@ -111,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="decompose a trained run and measure it")
     c.add_argument("run")
-    c.add_argument("--rank", default="value:0.05", help="value:T, energy:E, fixed:K, fraction:P or speedup:S")
+    c.add_argument("--rank", default="value:0.05", help="value:T, energy:E, fixed:K, fraction:P, speedup:S (MACs) or "
+                   "latency:S (measured time)")
     c.add_argument("--scheme", help=f"{', '.join(schemes.names())}, {schemes.AUTO} or a list such as spatial,linear "
                    "(default: the run's scheme; layers: the run's --layers)")
     c.add_argument("--finetune", type=WHOLE, default=0, metavar="EPOCHS")
@@ -119,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-dir")
     c.add_argument("--latency-batch", type=WHOLE, default=128)
     c.add_argument("--no-latency-check", action="store_true", help="keep layers even if they measure slower")
+    c.add_argument("--runtimes", help=f"runtimes to time both models in: a list of {', '.join(runtimes.names())}, or "
+                   "all (default: all available; $TRP_RUNTIMES overrides)")
+    c.add_argument("--layer-runtime", help="runtime of the per-layer check and of latency:S (default: the dense "
+                   "model's fastest, torch.compile aside)")
+    c.add_argument("--compile-timeout", type=NUMBER, default=runtimes.COMPILE_TIMEOUT, metavar="SECONDS")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     c.add_argument("--trust", action="store_true", help="accept a model file without trp's checksum")
@@ -146,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--batch-size", type=WHOLE, default=1)
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     x.add_argument("--trust", action="store_true", help="accept a model file without trp's checksum")
+
+    b = sub.add_parser("bench", help="time a model in every runtime at batch 1 and a larger batch")
+    b.add_argument("model", help="a run or compressed folder, or a model source (resnet20, torchvision:resnet50, ...)")
+    b.add_argument("--against", help="a dense folder or source: speed-ups per runtime and best against best")
+    b.add_argument("--input-shape", help="one sample's shape, e.g. 3,224,224 (default: the folder's or the model's)")
+    b.add_argument("--batch-sizes", default="1,128")
+    b.add_argument("--runtimes", help=f"a list of {', '.join(runtimes.names())}, or all (default: all available)")
+    b.add_argument("--threads", type=WHOLE)
+    b.add_argument("--min-run-time", type=NUMBER, default=0.3, metavar="SECONDS")
+    b.add_argument("--compile-timeout", type=NUMBER, default=runtimes.COMPILE_TIMEOUT, metavar="SECONDS")
+    b.add_argument("--model-kwargs", help="a model source's keyword arguments as a JSON object")
+    b.add_argument("--out", help="a JSON file for the record")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    b.add_argument("--trust", action="store_true", help="accept a model file without trp's checksum")
+    b.add_argument("--json", action="store_true", help="print the record as JSON")
 
     d = sub.add_parser("demo", help="offline end to end on digits: baseline and TRP, compression, comparison")
     d.add_argument("--out", default="runs/demo")
@@ -210,8 +252,10 @@ def _train_run(args: argparse.Namespace) -> dict:
 def _print_summary(s: dict) -> None:
     # train() refuses a run whose replicas differ, so a summary always has identical replicas.
     ddp = f"  {s['world_size']} processes, replicas bitwise identical" if s.get("world_size", 1) > 1 else ""
-    print(f"done: {s['run']}  method {s['method']} ({s['scheme']})  epochs {s['epochs_done']}  "
-          f"test acc {s['test_acc']:.2f}%  {s['mean_epoch_time_s']:.2f} s/epoch  wall {s['wall_time_s']:.1f} s{ddp}")
+    val = f"val acc {s['val_acc']:.2f}%  " if s.get("val_acc") is not None else ""
+    test = f"test acc {s['test_acc']:.2f}%  " if s["test_acc"] == s["test_acc"] else "test not evaluated yet  "
+    print(f"done: {s['run']}  method {s['method']} ({s['scheme']})  epochs {s['epochs_done']}  {val}{test}"
+          f"{s['mean_epoch_time_s']:.2f} s/epoch  wall {s['wall_time_s']:.1f} s{ddp}")
 
 
 def _report_table(r: dict) -> str:
@@ -228,11 +272,14 @@ def _report_table(r: dict) -> str:
 
 def _compress(args: argparse.Namespace) -> int:
     report = compress(args.run, args.out, args.rank, args.scheme, args.finetune, args.finetune_lr, args.data_dir,
-                      args.latency_batch, not args.no_latency_check, args.overwrite, trust=args.trust)
+                      args.latency_batch, not args.no_latency_check, args.overwrite, trust=args.trust,
+                      runtimes=runtimes.parse_list(args.runtimes), layer_runtime=args.layer_runtime,
+                      compile_timeout=args.compile_timeout)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(_report_table(report))
+        print(report_text(report))
         print(f"{report['layers_decomposed']} layers decomposed ({report['rank']}, {report['scheme']}); "
               f"latency on {report['latency_device']}, {report['latency_threads']} threads; wrote {args.out}")
     return 0
@@ -269,12 +316,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    kwargs = check_model(args.model, args.model_kwargs) if args.model_kwargs else None
+    record = bench(args.model, parse_ints(args.input_shape, "input shape"),
+                   parse_ints(args.batch_sizes, "batch sizes") or (1, 128), runtimes.parse_list(args.runtimes),
+                   args.threads, args.min_run_time, args.compile_timeout, args.against, args.out, args.overwrite,
+                   kwargs, args.trust, log=(lambda line: None) if args.json else print)
+    print(json.dumps(record, indent=1) if args.json else summary(record))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     run_demo(args.out, args.epochs, args.overwrite)
     return 0
 
 
-_COMMANDS = {"train": _train, "compress": _compress, "eval": _eval, "report": _report, "export": _export, "demo": _demo}
+_COMMANDS = {"train": _train, "compress": _compress, "eval": _eval, "report": _report, "export": _export, "bench": _bench,
+             "demo": _demo}
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

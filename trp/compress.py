@@ -4,9 +4,17 @@ Steps, in order: check that ``out`` can be written; load the run's model and its
 output folder (:func:`trp.runs.locked`); evaluate; fold BatchNorm into the convs (exact at
 inference, and it removes a memory-bound pass per layer); plan ranks with the chosen criterion on
 the layers TRP trains (every conv but the first), from singular values only; measure each planned
-layer dense and decomposed and keep dense any whose decomposed form is slower; decompose (one SVD
-per decomposed layer); optionally fine-tune (the training loop of :mod:`trp.loop`, on its cosine
-schedule); evaluate and time again; write. The folder written holds ``model.safetensors`` (weights
+layer dense and decomposed, in the runtime the model will run in, and keep dense any whose
+decomposed form is slower; decompose (one SVD per decomposed layer); optionally fine-tune (the
+training loop of :mod:`trp.loop`, on its cosine schedule); evaluate and time again; write.
+
+Both models (BatchNorm folded) are timed in every runtime of :mod:`trp.runtimes` that is
+available (``runtimes=``) at batch 1 and the latency batch, and the report states each time, each
+model's best runtime and the speed-up of the compressed model in *its* best runtime over the dense
+model in *its* best (``best_speedup_b1`` / ``best_speedup_bN``). The per-layer check and a
+``latency:S`` budget time layers on a :class:`trp.latency_model.Target` in the dense model's best
+runtime at the latency batch (torch.compile aside: compiling every layer at every rank takes
+minutes), through the latency model's cache, so a second compression on the machine times no layer. The folder written holds ``model.safetensors`` (weights
 plus the spec, whose transforms record the BN folding and the plan, so ``trp.load`` rebuilds it
 without pickles), ``plan.json`` and ``report.json``; with ``overwrite``, nothing else trp wrote
 there before stays.
@@ -16,17 +24,17 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from trp import rank as rank_mod
+from trp import runtimes as rt
 from trp import schemes
 from trp.bn import fold_bn_
 from trp.checkpoint import MODEL_FILE
@@ -34,6 +42,8 @@ from trp.data import load as load_data
 from trp.decompose import decompose_
 from trp.errors import TRPError
 from trp.io import atomic_write_text
+from trp.latency_budget import Latency
+from trp.latency_model import Layer, Target, Timer, model_time, time_forms
 from trp.loop import Loop, cosine_lr, evaluate, make_optimizer, resolve_device
 from trp.measure import latency_ms, profile
 from trp.methods import scheme_names
@@ -43,9 +53,14 @@ from trp.structure import ModelSpec
 from trp.saving import load_model, save_model
 from trp.surgery import FilterFn, get_module, layer_filter
 from trp.svd_training import truncate_to_dense_
+from trp.tracing import trace_calls
 from trp.validate import boolean, number, whole
 
-__all__ = ["compress", "keep_faster", "finetune", "best_latency", "MAX_LATENCY_BATCH"]
+__all__ = ["compress", "keep_faster", "finetune", "best_latency", "layer_target", "speedups", "MAX_LATENCY_BATCH",
+           "LAYER_EXCLUDED"]
+
+#: Runtimes never used to time single layers: torch.compile compiles each layer and rank for seconds.
+LAYER_EXCLUDED = ("compile",)
 
 #: Largest batch for the latency measurements: far above any useful one, far below the memory it would take.
 MAX_LATENCY_BATCH = 65536
@@ -69,38 +84,44 @@ def best_latency(model: nn.Module, input_shape: list[int], batch_size: int, min_
 
 
 def keep_faster(model: nn.Module, plan: Plan, batch_size: int, min_run_time: float = 0.05,
-                channels_last: bool = False, rounds: int = 3) -> Plan:
-    """Mark dense every planned layer whose decomposed form measures slower than the dense one.
+                channels_last: bool = False, rounds: int = 3, target: Target | None = None,
+                log: Callable[[str], None] | None = None) -> Plan:
+    """Mark dense every planned layer whose decomposed form measures no faster than the dense one.
 
     Fewer MACs do not always mean less time (two small kernels, a memory-bound 1×1 conv); this
-    check keeps the measured speed-up honest. Layers are timed alone at their traced input shape,
-    in the memory format the model will run in (channels-last changes the answer on CPUs). Dense
-    and decomposed forms are timed in turn, ``rounds`` times each, and each keeps its fastest
-    median: a slow spell of a shared machine then rarely decides a layer's fate. The decomposed
-    forms are timed untrained (no SVD is taken here; the values do not change the time).
+    check keeps the measured speed-up honest. Layers are timed alone at their traced input shapes
+    (every call of a shared layer), on ``target``: the runtime and memory format the model will
+    run in (default: eager, channels-last if ``channels_last``, at ``batch_size``, ``rounds``
+    rounds). Times go through the latency model's cache (:func:`trp.latency_model.time_forms`), so
+    ranks already timed by a ``latency:S`` budget, or by an earlier compression on this machine,
+    are not timed again; the target's rounds time the dense and the decomposed form in turn, each
+    keeping its fastest, so a slow spell of a shared machine rarely decides a layer's fate. The decomposed forms are timed
+    untrained (no SVD is taken here; the values do not change the time).
 
     Example:
-        >>> import trp
+        >>> import tempfile, trp
         >>> m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1))
         >>> p = trp.plan(m, rank=trp.fixed(2), input_shape=(8, 16, 16))
-        >>> isinstance(keep_faster(m, p, 1, min_run_time=0.01), trp.Plan)
-        True
+        >>> fake = lambda module, shape, batch: 1.0 if isinstance(module, nn.Conv2d) else 1.5  # slower decomposed
+        >>> keep_faster(m, p, 1, target=Target(1, cache_dir=tempfile.mkdtemp(), timer=fake)).layers[0].reason
+        'decomposed form measured slower (1.500 ms >= 1.000 ms dense; eager, batch 1)'
     """
     rounds = whole(rounds, "rounds", low=1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if target is None:
+        target = Target(batch_size, "channels_last" if channels_last else "eager", min_run_time=min_run_time,
+                        rounds=rounds)
+    ranks = {lp.name: int(lp.rank) for lp in plan.layers if lp.decomposed and lp.rank}
+    calls = trace_calls(model, plan.input_shape) if ranks else {}
+    lays = [Layer(lp.name, get_module(model, lp.name), schemes.get(lp.scheme), list(calls.get(lp.name, [])), 0, 0)
+            for lp in plan.layers if lp.name in ranks and calls.get(lp.name)]
+    times = time_forms(lays, ranks, target, log)
     layers = []
     for lp in plan.layers:
-        if lp.decomposed:
-            dense = copy.deepcopy(get_module(model, lp.name)).to(memory_format=fmt)
-            low = schemes.get(lp.scheme).build(dense, lp.rank).to(memory_format=fmt)
-            t_dense = t_low = math.inf
-            for _ in range(rounds):
-                t_dense = min(t_dense, latency_ms(dense, lp.in_shape, batch_size, min_run_time=min_run_time,
-                                                  channels_last=channels_last))
-                t_low = min(t_low, latency_ms(low, lp.in_shape, batch_size, min_run_time=min_run_time,
-                                              channels_last=channels_last))
-            if t_low >= t_dense:
-                lp = replace(lp, reason=f"decomposed form measured slower ({t_low:.3f} ms >= {t_dense:.3f} ms dense)")
+        if lp.name in times:
+            t_dense, t_low = times[lp.name]
+            if t_low >= t_dense:  # equal time for a lossy form buys nothing
+                lp = replace(lp, reason=f"decomposed form measured slower ({t_low:.3f} ms >= {t_dense:.3f} ms dense; "
+                                        f"{target.runtime}, batch {target.batch_size})")
         layers.append(lp)
     return replace(plan, layers=layers)
 
@@ -149,7 +170,7 @@ def _dense_form(model: nn.Module, spec: ModelSpec, criterion: Any, scheme: tuple
     # SVD training (Yang et al.) prunes by its own trained singular values: each layer becomes
     # the dense weight U_k diag(s_k) V_kᵀ, of rank k exactly, and then follows TRP's path, so
     # the decomposed modules and the plan are the same as for any other run.
-    if isinstance(criterion, rank_mod.Speedup):
+    if isinstance(criterion, (rank_mod.Speedup, Latency)):  # whole-model budgets re-rank by SVD; these runs do not
         raise TRPError("SVD-trained runs are pruned by their singular values: use value:, energy:, fixed: or fraction:")
     model, ranks = truncate_to_dense_(model, criterion)
     return model, spec.without("svd-parametrize"), ranks, lambda module, name: name in ranks
@@ -161,15 +182,34 @@ def _fold(model: nn.Module, spec: ModelSpec) -> ModelSpec:
 
 
 def _decompose(model: nn.Module, spec: ModelSpec, scheme: tuple[str, ...], criterion: Any, filter_fn: FilterFn,
-               label: str, check_latency: bool, latency_batch: int, min_run_time: float,
-               channels_last: bool) -> tuple[ModelSpec, Plan]:
+               label: str, check_latency: bool, target: Target,
+               log: Callable[[str], None]) -> tuple[ModelSpec, Plan, dict]:
+    """Plan, check each layer's time, decompose; with a ``latency:S`` budget also the whole-model
+    time its latency model predicts for the final plan (``{}`` otherwise)."""
     p = plan(model, scheme[0] if len(scheme) == 1 else scheme, criterion, filter_fn=filter_fn,
              input_shape=spec.input_shape)
     p.criterion = label
     if check_latency:
-        p = keep_faster(model, p, latency_batch, min_run_time / 3, channels_last=channels_last)
+        p = keep_faster(model, p, target.batch_size, target=target, log=log)
+    predicted = _predict(model, p, criterion) if isinstance(criterion, Latency) else {}
     decompose_(model, p)  # one SVD per decomposed layer: planning took singular values only
-    return spec.then({"kind": "decompose", "plan": p}), p
+    return spec.then({"kind": "decompose", "plan": p}), p, predicted
+
+
+def _predict(model: nn.Module, p: Plan, criterion: Latency) -> dict:
+    """The latency model's whole-model time of the final plan on the budget's target (all cached by
+    the planning: nothing new is timed unless the layer check changed a rank's neighbourhood)."""
+    target = criterion.target
+    calls = trace_calls(model, p.input_shape)
+    lays = [Layer(lp.name, get_module(model, lp.name), schemes.get(lp.scheme), list(calls[lp.name]), 0, 0)
+            for lp in p.layers if lp.decomposed and calls.get(lp.name)]
+    ranks = {lp.name: lp.rank for lp in p.layers if lp.decomposed}
+    dense_ms = model_time(model, p.input_shape, target)
+    times = time_forms(lays, ranks, target)
+    after = dense_ms - sum(d - low for d, low in times.values())
+    return {"predicted_ms_before": round(dense_ms, 4), "predicted_ms_after": round(after, 4),
+            "predicted_speedup": round(dense_ms / after, 4), "predicted_runtime": target.runtime,
+            "predicted_batch_size": target.batch_size}
 
 
 def _warn_if_degenerate(criterion: Any, p: Plan) -> None:
@@ -195,16 +235,70 @@ def _load_run(run: str | Path, data_dir: str | None,
     return model.to(device), spec, config, device, data
 
 
-def _measured(model: nn.Module, spec: ModelSpec, latency_batch: int, min_run_time: float) -> tuple[Any, float, str]:
-    """(profile, milliseconds, memory format) of a model as it will run."""
-    return (profile(model, spec.input_shape), *best_latency(model, spec.input_shape, latency_batch, min_run_time))
+def layer_target(timings: rt.Timings, batch: int, runtime: str | None = None, min_run_time: float = 0.1,
+                 cache_dir: str | None = None, timer: Timer | None = None, rounds: int = 2) -> Target:
+    """The target single layers are timed on: ``runtime``, else the dense model's fastest runtime at
+    ``batch`` among those that can time a layer (not :data:`LAYER_EXCLUDED`), else eager; each form
+    timed in ``rounds`` interleaved rounds.
+
+    Example:
+        >>> t = rt.Timings({"eager": {8: 3.0}, "torchscript": {8: 2.0}, "compile": {8: 1.0}})
+        >>> layer_target(t, 8).runtime
+        'torchscript'
+    """
+    if runtime is None:
+        usable = {name: ms for name, ms in timings.items() if name not in LAYER_EXCLUDED}
+        runtime = rt.best(usable, batch)[0] if any(batch in v for v in usable.values()) else "eager"
+    return Target(batch, runtime, min_run_time=min_run_time, cache_dir=cache_dir, timer=timer, rounds=rounds)
 
 
-def _report(run: str | Path, criterion: Any, scheme: str, accs: tuple[float, float], before: tuple[Any, float, str],
-            after: tuple[Any, float, str], latency_batch: int, device: torch.device, finetune_epochs: int,
-            p: Plan) -> dict:
-    (acc_before, acc_after), (prof_before, dense_ms, dense_fmt), (prof_after, low_ms, low_fmt) = accs, before, after
-    return {
+def speedups(dense: rt.Timings, low: rt.Timings, batches: Sequence[int]) -> dict:
+    """Per batch: each model's best runtime and time, and the speed-up best against best.
+
+    Example:
+        >>> d = rt.Timings({"eager": {1: 2.0}, "onnxruntime": {1: 1.0}})
+        >>> c = rt.Timings({"eager": {1: 0.8}, "onnxruntime": {1: 0.9}})
+        >>> speedups(d, c, [1])["best_speedup_b1"], speedups(d, c, [1])["best_runtime_b1"]
+        (1.25, 'eager')
+    """
+    out: dict[str, Any] = {}
+    for b in batches:
+        d = rt.best(dense, b) if any(b in v for v in dense.values()) else (None, None)
+        c = rt.best(low, b) if any(b in v for v in low.values()) else (None, None)
+        both = d[1] is not None and c[1] is not None  # else no runtime ran at this batch: the fields say so
+        out.update({f"dense_best_runtime_b{b}": d[0], f"dense_best_ms_b{b}": None if d[1] is None else round(d[1], 4),
+                    f"best_runtime_b{b}": c[0], f"best_ms_b{b}": None if c[1] is None else round(c[1], 4),
+                    f"best_speedup_b{b}": round(d[1] / c[1], 4) if both else None})
+    return out
+
+
+def _eager(t: rt.Timings, batch: int) -> tuple[float, str]:
+    """PyTorch eager in its faster memory format (the report's historical latency figure)."""
+    eager = {name: t[name] for name in ("eager", "channels_last") if batch in t.get(name, {})}
+    name, ms = rt.best(eager or t, batch)
+    return ms, rt.RUNTIMES[name].memory_format if eager else name
+
+
+def _timings(model: nn.Module, spec: ModelSpec, batches: Sequence[int], opts: dict, what: str,
+             log: Callable[[str], None]) -> tuple[Any, rt.Timings]:
+    """(profile, timings in every runtime) of a model as it will run."""
+    log(f"timing the {what} model in {', '.join(opts['runtimes'] or rt.defaults())} at batch "
+        f"{', '.join(map(str, batches))}")
+    t = rt.measure_all(model, spec.input_shape, batches, opts["runtimes"], min_run_time=opts["min_run_time"],
+                       compile_timeout=opts["compile_timeout"], log=lambda line: log("  " + line))
+    if not t:
+        raise TRPError(f"no runtime could time the {what} model: "
+                       + "; ".join(f"{k}: {v}" for k, v in t.skipped.items()))
+    return profile(model, spec.input_shape), t
+
+
+def _report(run: str | Path, criterion: Any, scheme: str, accs: tuple[float, float], before: tuple[Any, rt.Timings],
+            after: tuple[Any, rt.Timings], latency_batch: int, device: torch.device, finetune_epochs: int,
+            p: Plan, target: Target, predicted: dict) -> dict:
+    (acc_before, acc_after), (prof_before, t_dense), (prof_after, t_low) = accs, before, after
+    (dense_ms, dense_fmt), (low_ms, low_fmt) = _eager(t_dense, latency_batch), _eager(t_low, latency_batch)
+    batches = sorted({1, latency_batch})
+    report = {
         "source": str(run), "rank": str(criterion), "scheme": scheme,
         "acc_before": round(acc_before, 4), "acc_after": round(acc_after, 4),
         "macs_before": prof_before.macs, "macs_after": prof_after.macs,
@@ -212,14 +306,25 @@ def _report(run: str | Path, criterion: Any, scheme: str, accs: tuple[float, flo
         "params_before": prof_before.params, "params_after": prof_after.params,
         "latency_ms_before": round(dense_ms, 4), "latency_ms_after": round(low_ms, 4),
         "latency_speedup": round(dense_ms / max(low_ms, 1e-9), 4),
-        "latency_batch_size": latency_batch, "latency_device": str(device), "latency_threads": torch.get_num_threads(),
+        "latency_batch_size": latency_batch, "latency_device": str(device), "latency_threads": t_low.threads,
+        "latency_runtime": "PyTorch eager, the faster memory format",
         "memory_format_before": dense_fmt, "memory_format_after": low_fmt,
-        "latency_note": "both models with BatchNorm folded into the convs, eval mode, inference_mode; median of torch.utils.benchmark blocks",
+        "runtimes": {"dense": t_dense.to_dict(), "compressed": t_low.to_dict()},
+        **speedups(t_dense, t_low, batches), "threads": t_low.threads,
+        "layer_check_runtime": target.runtime,
+        "latency_note": ("both models with BatchNorm folded into the convs, eval mode, random-normal input; median of "
+                         "timed blocks; latency_ms_*: PyTorch eager in the faster memory format; best_*: every runtime "
+                         "of 'runtimes', each model in its own fastest"),
         "params_note": "both counts with BatchNorm folded into the convs",
         "finetune_epochs": finetune_epochs,
         "layers_decomposed": sum(lp.decomposed for lp in p.layers),
         "layers_dense": [[lp.name, lp.reason] for lp in p.layers if not lp.decomposed],
     }
+    if predicted:
+        measured = t_low.get(predicted["predicted_runtime"], {}).get(predicted["predicted_batch_size"])
+        report.update(predicted, measured_ms_after=None if measured is None else round(measured, 4),
+                      predicted_error=None if measured is None else round(predicted["predicted_ms_after"] / measured - 1, 4))
+    return report
 
 
 def compress(
@@ -236,25 +341,41 @@ def compress(
     log: Callable[[str], None] = print,
     min_run_time: float = 0.3,
     trust: bool = False,
+    runtimes: Sequence[str] | None = None,
+    layer_runtime: str | None = None,
+    compile_timeout: float = rt.COMPILE_TIMEOUT,
+    cache_dir: str | None = None,
+    timer: Timer | None = None,
 ) -> dict:
     """Decompose a trained run (or model) and write the compressed model and its report.
 
     Args:
         run: A run folder (``checkpoint.safetensors``) or a model folder/file.
         out: Output folder.
-        rank: A criterion or its text (``value:0.05``, ``energy:0.95``, ``fixed:8``, ``speedup:3``).
+        rank: A criterion or its text (``value:0.05``, ``energy:0.95``, ``fixed:8``, ``speedup:3``,
+            ``latency:2``). Given as text, ``latency:S`` is measured at ``latency_batch`` in the
+            layer runtime (see ``layer_runtime``); its predicted whole-model time is reported
+            beside the measured one.
         scheme: A name of :data:`trp.schemes.SCHEMES`, ``auto``, or several tried in order per layer
             (``spatial,linear``); default: the run's own scheme. Layers: those the run trained
             (its config's ``layers``, :func:`trp.surgery.layer_filter`).
         finetune_epochs: Epochs of fine-tuning after decomposition (0: none, as TRP needs none).
         finetune_lr: Peak learning rate of that fine-tuning.
         data_dir: Data folder, if not the one the run was trained on.
-        latency_batch: Batch size for the latency measurements.
+        latency_batch: The larger batch size of the latency measurements (batch 1 is always timed).
         check_latency: Keep dense the layers whose decomposed form measures slower.
         overwrite: Replace what ``out`` holds (every file trp wrote there is removed).
         log: Where progress lines go.
-        min_run_time: Seconds per whole-model latency measurement (a third of it per layer check).
+        min_run_time: Seconds per whole-model latency measurement (a third of it per layer).
         trust: Accept a model file without trp's checksum (see :func:`trp.checkpoint.read_safetensors`).
+        runtimes: Names of :data:`trp.runtimes.RUNTIMES` to time both models in (default:
+            :func:`trp.runtimes.defaults`, every one; those unavailable here, or failing, are
+            reported as skipped with the reason).
+        layer_runtime: The runtime single layers are timed in (default: the dense model's fastest
+            at ``latency_batch``, torch.compile aside; see :func:`layer_target`).
+        compile_timeout: Seconds ``torch.compile`` may take for a model's first call.
+        cache_dir: Folder of the latency model's cache (default :func:`trp.latency_model.cache_dir`).
+        timer: A scripted layer timer (``timer(module, input_shape, batch) -> ms``; tests).
 
     Returns:
         The report dict (also written to ``out/report.json``).
@@ -265,14 +386,19 @@ def compress(
         >>> run = tempfile.mkdtemp()
         >>> _ = train(TrainConfig(dataset="digits", epochs=1), run, progress=False, log=lambda s: None)
         >>> r = compress(run, tempfile.mkdtemp() + "/c", "speedup:2", latency_batch=8, check_latency=False,
-        ...              overwrite=True, log=lambda s: None)
-        >>> r["flops_speedup"] > 1.5
-        True
+        ...              overwrite=True, log=lambda s: None, min_run_time=0.02, runtimes=("eager",))
+        >>> r["flops_speedup"] > 1.5, r["best_runtime_b8"]
+        (True, 'eager')
     """
     criterion = rank_mod.parse(rank) if isinstance(rank, str) else rank
     finetune_epochs = whole(finetune_epochs, "finetune", low=0)
     finetune_lr = number(finetune_lr, "finetune-lr", low=0.0, low_open=True)
     latency_batch = whole(latency_batch, "latency-batch", low=1, high=MAX_LATENCY_BATCH)
+    opts = {"runtimes": None if runtimes is None else tuple(rt.get(name).name for name in runtimes),
+            "min_run_time": number(min_run_time, "min_run_time", low=0.0, low_open=True),
+            "compile_timeout": number(compile_timeout, "compile timeout", low=0.0, low_open=True)}
+    if layer_runtime is not None:
+        layer_runtime = rt.get(layer_runtime).name
     if scheme is not None:
         scheme_names(scheme)
     out = Path(out)
@@ -281,27 +407,32 @@ def compress(
     svd = spec.find("svd-parametrize")
     scheme = scheme or (svd["scheme"] if svd else None) or config.get("scheme", "channel")
     names = scheme_names(scheme)
+    batches = sorted({1, latency_batch})
     with locked(out):
         acc_before, _ = evaluate(model, data)
         model, spec, plan_rank, layers = _dense_form(model, spec, criterion, names, config.get("layers", "convs"))
         dense_ref = copy.deepcopy(model.eval())
         fold_bn_(dense_ref)  # counted and timed like the result, with BatchNorm folded (MACs are the same either way)
-        before = _measured(dense_ref, spec, latency_batch, min_run_time)
+        before = _timings(dense_ref, spec, batches, opts, "dense", log)
         del dense_ref
+        target = layer_target(before[1], latency_batch, layer_runtime, min_run_time / 3, cache_dir, timer)
+        if isinstance(rank, str) and isinstance(plan_rank, Latency):  # measured where the model will run
+            plan_rank = replace(plan_rank, batch_size=latency_batch, runtime=target.runtime, cache_dir=cache_dir,
+                                timer=timer, min_run_time=target.min_run_time, rounds=target.rounds)
         # Without fine-tuning, BN is folded first so the planner and the latency check see the layers
         # as they will run; fine-tuning wants BN, so then it is folded into the decomposed model after.
         if finetune_epochs == 0:
             spec = _fold(model, spec)
-        spec, p = _decompose(model, spec, names, plan_rank, layers, str(criterion), check_latency,
-                             latency_batch, min_run_time, before[2] == "channels_last")
+        spec, p, predicted = _decompose(model, spec, names, plan_rank, layers, str(criterion), check_latency,
+                                        target, log)
         _warn_if_degenerate(criterion, p)
         if finetune_epochs:
             finetune(model, data, finetune_epochs, finetune_lr, config.get("batch_size", 128), config.get("seed", 0), log)
             spec = _fold(model.eval(), spec)
         acc_after, _ = evaluate(model, data)
-        after = _measured(model, spec, latency_batch, min_run_time)
+        after = _timings(model, spec, batches, opts, "compressed", log)
         report = _report(run, criterion, scheme, (acc_before, acc_after), before, after, latency_batch, device,
-                         finetune_epochs, p)
+                         finetune_epochs, p, target, predicted)
         clear_run(out)  # with overwrite: nothing of what trp wrote there before stays beside the new model
         save_model(out / MODEL_FILE, model, spec, extra={"source": str(run), "config": config})
         p.to_json(out / "plan.json")

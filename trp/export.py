@@ -184,14 +184,27 @@ def _onnx(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[torch.Tensor | 
 
 
 def _runtime_note(source: Path, checked: str) -> str:
-    """Where a compressed model's latency figures were measured, if its report.json says so."""
+    """Where a compressed model's latency figures were measured, from its report.json (if any):
+    the runtime of ``latency_ms_*`` and each batch's best runtime, with the thread count."""
     try:
         report = json.loads((source.parent / "report.json").read_text())
     except (OSError, ValueError):
         return ""
     if not isinstance(report, dict):
         return ""
+    device, threads = report.get("latency_device"), report.get("latency_threads")
     runtime = report.get("latency_runtime")
-    device = report.get("latency_device")
+    fmt = report.get("memory_format_after")
     where = runtime if isinstance(runtime, str) else f"PyTorch on {device}" if isinstance(device, str) else None
-    return f"; report.json's latency was measured in {where}, not in {checked}" if where else ""
+    if where is None:
+        return ""
+    where += f" ({fmt})" if isinstance(fmt, str) else ""
+    bests = sorted((int(k[len("best_runtime_b"):]), v) for k, v in report.items()
+                   if k.startswith("best_runtime_b") and k[len("best_runtime_b"):].isdigit() and isinstance(v, str))
+    if bests:
+        where += "; its fastest runtime " + ", ".join(
+            f"at batch {b}: {name} ({report.get(f'best_speedup_b{b}')}x the dense model in its own fastest)"
+            for b, name in bests)
+    if isinstance(threads, int):
+        where += f"; {threads} thread(s)"
+    return f"; report.json's latency was measured in {where}, not in {checked}"

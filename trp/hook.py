@@ -8,7 +8,9 @@ Two things happen to every eligible weight W while the network trains:
   off the low-rank set, which is what makes the method *trained* rank pruning rather than projected
   training. Instead of a per-layer energy, ``speedup=s`` picks the ranks of all layers at once for
   a whole-model MACs budget (:func:`trp.rank.solve_budget`, as :func:`trp.speedup` does when
-  decomposing), and ``freeze=t`` stops the ranks from changing after step t, so that the rest of
+  decomposing), ``latency=s`` picks them for a whole-model budget in *measured* time (the latency
+  table of :mod:`trp.latency_model`, timed once, and :func:`trp.latency_budget.allocate`, as
+  :func:`trp.latency` does), and ``freeze=t`` stops the ranks from changing after step t, so that the rest of
   training adapts the network to them.
 * **Nuclear-norm regularization** (paper Eq. 4–5): ‖W‖_* is not differentiable; its stochastic
   sub-gradient ``U_k V_kᵀ`` from the latest SVD is added, times λ, to W's gradient before each
@@ -36,6 +38,7 @@ Parameters are modified in place (``.data``), so their identity, and with it the
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
@@ -45,7 +48,10 @@ from torch.utils.hooks import RemovableHandle
 
 from trp import schemes
 from trp import svd as svd_mod
+from trp.bn import fold_bn_
 from trp.errors import TRPError
+from trp.latency_budget import Allocation, allocate
+from trp.latency_model import LatencyTable, Target, latency_model
 from trp.plan import rank_costs
 from trp.rank import BudgetLayer, energy_rank, rank_one_speedup, solve_budget
 from trp.surgery import FilterFn, default_filter, unwrap
@@ -203,8 +209,17 @@ class TRP:
         freeze: After this many optimizer steps the ranks stop changing: later projections keep
             each layer at the rank it had, so the rest of training recovers at fixed ranks
             instead of losing a little more rank (and accuracy) at every projection.
-        input_shape: One sample's shape, for the MACs accounting of ``speedup`` (default
-            :func:`trp.tracing.default_input_shape`).
+        input_shape: One sample's shape, for the MACs accounting of ``speedup`` and the timing of
+            ``latency`` (default :func:`trp.tracing.default_input_shape`).
+        latency: Whole-model speed-up s >= 1 in *measured* time (or a schedule ``step -> s``), on
+            ``latency_target``: at construction every eligible layer is timed dense and decomposed
+            at a ladder of ranks, and the whole model (BatchNorm folded, as it will run) once
+            (:func:`trp.latency_model.measure_layers`, cached on disk per machine); each projection
+            then spends the time budget where it keeps the most energy per millisecond
+            (:func:`trp.latency_budget.allocate`). Exclusive with ``speedup``; checked against the
+            model's reach like it; ``freeze`` works the same way.
+        latency_target: The :class:`trp.latency_model.Target` of ``latency`` (default ``Target()``:
+            batch 128, eager, the current threads).
 
     Example:
         >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
@@ -230,14 +245,25 @@ class TRP:
         speedup: Schedule | None = None,
         freeze: int | None = None,
         input_shape: Sequence[int] | None = None,
+        latency: Schedule | None = None,
+        latency_target: Target | None = None,
     ) -> None:
         names = _scheme_names(scheme)
         self.scheme: str | tuple[str, ...] = names[0] if len(names) == 1 else names
+        self._names = names
         self.energy = _schedule(energy, "energy", low=0.0, high=1.0, low_open=True)
         self.period = whole(period, "period", low=1)
         self.nuclear = number(nuclear, "nuclear weight", low=0.0)
         self.project = boolean(project, "project")
         self.speedup = None if speedup is None else _schedule(speedup, "speedup", low=1.0)
+        self.latency = None if latency is None else _schedule(latency, "latency speed-up", low=1.0)
+        if self.speedup is not None and self.latency is not None:
+            raise TRPError("give speedup (MACs) or latency (measured time), not both")
+        if latency_target is not None and not isinstance(latency_target, Target):
+            raise TRPError(f"latency_target must be a trp.latency_model.Target, got {type(latency_target).__name__}")
+        if latency_target is not None and self.latency is None:
+            raise TRPError("latency_target needs latency (the measured-time speed-up to train for)")
+        self.latency_target = latency_target or Target()
         self.freeze = None if freeze is None else whole(freeze, "freeze", low=0)
         if filter_fn is not None and not callable(filter_fn):
             raise TRPError(f"filter_fn must be a function (module, name) -> bool, got {filter_fn!r}")
@@ -248,6 +274,10 @@ class TRP:
         self._attached: Attachment | None = None
         self._macs_total = 0
         self._costs: dict[str, tuple[int, int]] = {}  # name -> (MACs per unit of rank, dense MACs)
+        self.latency_table: LatencyTable | None = None
+        self.allocation: Allocation | None = None  # the latest latency allocation (ranks, predicted ms)
+        if self.latency is not None:
+            self.latency_table = self._measure_latency(input_shape)
         if self.speedup is not None:
             # Costs come from tracing shapes only; the spectra come from each projection's own SVD.
             chosen = {layer.name for layer in self.layers}
@@ -262,10 +292,30 @@ class TRP:
         spectra = {layer.name: layer.spectrum for layer in self.layers if layer.spectrum is not None}
         return [BudgetLayer(name, spectra[name], cost, dense) for name, (cost, dense) in self._costs.items()]
 
+    def _measure_latency(self, input_shape: Sequence[int] | None) -> LatencyTable:
+        # Timed as it will run: a copy in eval mode with BatchNorm folded (the convs gain a bias, as
+        # after compression, so compress finds the same entries in the cache).
+        chosen = {layer.name for layer in self.layers}
+        dense = copy.deepcopy(self.model).eval()
+        fold_bn_(dense)
+        return latency_model(dense, self._names, lambda module, name: name in chosen, input_shape, self.latency_target)
+
+    def _latency_allocation(self, s: float) -> Allocation:
+        if self.latency_table is None:
+            raise TRPError("TRP has no latency table: it was built without latency=")
+        spectra = {layer.name: layer.spectrum for layer in self.layers
+                   if layer.spectrum is not None and layer.name in self.latency_table.layers}
+        return allocate(self.latency_table, spectra, s)
+
     def _check_reach(self) -> None:
         # A constant target, or a schedule that states where it ends, is checked once, now, rather
         # than by evaluating the schedule at some far-off step; other schedules meet the same check
         # in the budget solver at each projection.
+        if self.latency is not None:
+            final = self.latency if not callable(self.latency) else getattr(self.latency, "end", None)
+            if final is not None and float(final) > 1.0:
+                self._latency_allocation(float(final))  # raises "out of reach" with the fastest prediction
+            return
         final = self.speedup if not callable(self.speedup) else getattr(self.speedup, "end", None)
         if final is None:
             return
@@ -281,6 +331,13 @@ class TRP:
         s = self.speedup(self.steps) if callable(self.speedup) else self.speedup
         return number(s, f"speedup schedule at step {self.steps}", low=1.0)
 
+    def current_latency(self) -> float | None:
+        """The measured-time speed-up the next projection's ranks are chosen for (None: not a latency target)."""
+        if self.latency is None:
+            return None
+        s = self.latency(self.steps) if callable(self.latency) else self.latency
+        return number(s, f"latency schedule at step {self.steps}", low=1.0)
+
     def current_energy(self) -> float:
         """The energy the next projection keeps (follows the schedule)."""
         e = self.energy(self.steps) if callable(self.energy) else self.energy
@@ -294,6 +351,11 @@ class TRP:
         if self.frozen():
             return self.ranks()
         spectra = {layer.name: layer.spectrum for layer in self.layers if layer.spectrum is not None}
+        t = self.current_latency()
+        if t is not None:
+            self.allocation = self._latency_allocation(t) if t > 1.0 else None
+            chosen = self.allocation.ranks if self.allocation is not None else {}
+            return {name: chosen.get(name) or int(spec.numel()) for name, spec in spectra.items()}
         s = self.current_speedup()
         if s is None:
             e = self.current_energy()

@@ -15,14 +15,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from trp import rank as rank_mod
 from trp.errors import TRPError
 from trp.latency_model import MULTIPLES, LatencyTable, Target, Timer, measure_layers, model_time
 from trp.validate import number, whole
 
-__all__ = ["Option", "SLACK", "solve_time", "Allocation", "Latency", "latency"]
+__all__ = ["Option", "SLACK", "solve_time", "Allocation", "allocate", "Latency", "latency"]
 
 # As in trp.rank.solve_budget: a fastest allocation this close above the budget is accepted.
 SLACK = 0.02
@@ -121,6 +121,7 @@ class Latency:
     cache_dir: str | None = None
     model_ms: float | None = None
     timer: Timer | None = field(default=None, compare=False, repr=False)
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "s", number(self.s, "latency speed-up", low=1.0))
@@ -129,14 +130,14 @@ class Latency:
         if self.model_ms is not None:
             object.__setattr__(self, "model_ms", number(self.model_ms, "model time (ms)", low=0.0, low_open=True))
         target = self.target  # validates; the normalized values are stored back
-        for name in ("batch_size", "runtime", "threads", "min_run_time", "cache_dir"):
+        for name in ("batch_size", "runtime", "threads", "min_run_time", "cache_dir", "rounds"):
             object.__setattr__(self, name, getattr(target, name))
 
     @property
     def target(self) -> Target:
         """Where the budget is measured."""
         return Target(self.batch_size, self.runtime, self.threads, self.min_run_time, 6 * self.min_run_time,
-                      self.cache_dir, self.timer)
+                      self.cache_dir, self.timer, self.rounds)
 
     def __str__(self) -> str:
         return f"latency:{self.s:g}"
@@ -159,37 +160,60 @@ class Latency:
         if self.model_ms is None and model is None:
             raise TRPError(f"{self} needs the dense model's time: pass the model to solve() or give model_ms")
         table.model_ms = self.model_ms or model_time(model, input_shape, target)
-        m = self.multiple or table.multiple
-        options, reasons = _options(layers, table, m)
-        budget = table.model_ms / self.s
-        ranks, predicted = solve_time(options, table.model_ms - sum(t.dense_ms for t in table.layers.values()), budget)
-        if predicted > budget * (1 + SLACK):
-            raise TRPError(f"latency speed-up {self.s:g}x is out of reach: with every layer at its fastest measured "
-                           f"form the model is predicted {table.model_ms / predicted:.2f}x faster "
-                           f"({self.runtime}, batch {self.batch_size})")
-        for name, k in ranks.items():
-            if k is None:
-                reasons.setdefault(name, "dense keeps the most energy within the time budget")
-            else:
-                reasons.pop(name, None)
-        return Allocation(ranks, reasons, table.model_ms, predicted, m, table)
+        spectra = {c.name: c.spectrum if c.spectrum is not None else c.scheme.singular_values(c.module.weight, c.name)
+                   for c in layers}
+        return allocate(table, spectra, self.s, self.multiple)
 
 
-def _options(layers: Sequence[Any], table: LatencyTable, m: int) -> tuple[dict[str, list[Option]], dict[str, str]]:
+def allocate(table: LatencyTable, spectra: Mapping[str, Tensor], s: float, multiple: int | None = None) -> Allocation:
+    """Ranks for ``s``× less predicted time on a measured ``table`` (its ``model_ms`` set), from the
+    layers' current singular values; what :meth:`Latency.allocate` and TRP's ``latency=`` target
+    (a table measured once, spectra new at every projection) share. Raises a TRPError when even
+    the fastest measured form of every layer cannot reach ``s`` (within :data:`SLACK`).
+
+    Example:
+        >>> import torch
+        >>> from trp.latency_model import LayerLatency
+        >>> t = LatencyTable({}, {"a": LayerLatency("a", "channel", 8.0, [1, 2, 3], [1.0, 2.0, 3.0], 3)}, 10.0)
+        >>> a = allocate(t, {"a": torch.tensor([2.0, 1.0, 0.1, 0.1])}, 2.0)
+        >>> a.ranks, a.predicted_ms
+        ({'a': 3}, 5.0)
+    """
+    if table.model_ms is None:
+        raise TRPError("the latency table has no whole-model time: measure the dense model (model_time) first")
+    m = multiple or table.multiple
+    options, reasons = _options(table, spectra, m)
+    budget = table.model_ms / s
+    fixed = table.model_ms - sum(table.layers[name].dense_ms for name in options)
+    ranks, predicted = solve_time(options, fixed, budget)
+    if predicted > budget * (1 + SLACK):
+        key = table.key
+        raise TRPError(f"latency speed-up {s:g}x is out of reach: with every layer at its fastest measured "
+                       f"form the model is predicted {table.model_ms / predicted:.2f}x faster "
+                       f"({key.get('runtime', '?')}, batch {key.get('batch_size', '?')})")
+    for name, k in ranks.items():
+        if k is None:
+            reasons.setdefault(name, "dense keeps the most energy within the time budget")
+        else:
+            reasons.pop(name, None)
+    return Allocation(ranks, reasons, table.model_ms, predicted, m, table)
+
+
+def _options(table: LatencyTable, spectra: Mapping[str, Tensor],
+             m: int) -> tuple[dict[str, list[Option]], dict[str, str]]:
     """Every layer's choices (dense, or a rank multiple of ``m``) and why some can only stay dense."""
     options: dict[str, list[Option]] = {}
     reasons: dict[str, str] = {}
-    for c in layers:
-        lay, spectrum, ks = table.layers[c.name], c.spectrum, table.layers[c.name].allowed(m)
-        if spectrum is None:
-            spectrum = c.scheme.singular_values(c.module.weight, c.name)
-        options[c.name] = [(lay.dense_ms, 1.0, None)] + [(lay.at(k), rank_mod.kept_energy(spectrum, k), k) for k in ks]
+    for name, spectrum in spectra.items():
+        lay = table.layers[name]
+        ks = lay.allowed(m)
+        options[name] = [(lay.dense_ms, 1.0, None)] + [(lay.at(k), rank_mod.kept_energy(spectrum, k), k) for k in ks]
         if not ks:
-            reasons[c.name] = f"no rank that is a multiple of {m} lowers its MACs (below rank {lay.top + 1})"
+            reasons[name] = f"no rank that is a multiple of {m} lowers its MACs (below rank {lay.top + 1})"
         elif min(lay.at(k) for k in ks) >= lay.dense_ms:
             k = min(ks, key=lay.at)
-            reasons[c.name] = (f"decomposed form measured no faster than dense at any rank (fastest "
-                               f"{lay.at(k):.3f} ms at rank {k} >= {lay.dense_ms:.3f} ms dense)")
+            reasons[name] = (f"decomposed form measured no faster than dense at any rank (fastest "
+                             f"{lay.at(k):.3f} ms at rank {k} >= {lay.dense_ms:.3f} ms dense)")
     return options, reasons
 
 
@@ -202,3 +226,6 @@ def latency(s: float, multiple: int | None = None, batch_size: int = 128, runtim
         'latency:2'
     """
     return Latency(s, multiple, batch_size, runtime, **kwargs)
+
+
+rank_mod.register("latency", latency)  # ``--rank latency:S`` / ``trp.parse("latency:S")``

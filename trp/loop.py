@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from trp import methods
 from trp.dist import rank_and_world
+from trp.distill import Teacher, distill_loss
 from trp.errors import TRPError
 
 __all__ = ["Loop", "EpochStats", "make_optimizer", "cosine_lr", "evaluate", "recalibrate_bn", "autocast", "resolve_device",
@@ -108,8 +109,9 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Any, batch_size: int = 500, amp: bool = False) -> tuple[float, float]:
-    """Test accuracy (%) and mean loss; under torch.distributed, exact totals over all ranks.
+def evaluate(model: nn.Module, data: Any, batch_size: int = 500, amp: bool = False,
+             split: str = "test") -> tuple[float, float]:
+    """Accuracy (%) and mean loss on the ``test`` or ``val`` split; under torch.distributed, exact totals.
 
     Example:
         >>> from trp.data import load
@@ -123,7 +125,10 @@ def evaluate(model: nn.Module, data: Any, batch_size: int = 500, amp: bool = Fal
     model.eval()
     device = next(model.parameters()).device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
-    for x, y in data.test_batches(batch_size, rank=rank, world_size=world):
+    if split not in ("test", "val"):
+        raise TRPError(f"split must be 'test' or 'val', got {split!r}")
+    batches = data.test_batches if split == "test" else data.val_batches
+    for x, y in batches(batch_size, rank=rank, world_size=world):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
@@ -246,7 +251,9 @@ class Loop:
     """The training steps every method shares, one epoch at a time (``train`` and ``compress --finetune``).
 
     Each step: forward (under autocast with ``amp``), cross-entropy plus the method's extra loss,
-    backward through the GradScaler, ``scaler.step(optimizer)``. The method's optimizer hooks
+    backward through the GradScaler, ``scaler.step(optimizer)``. With a ``teacher`` the
+    cross-entropy becomes the distillation loss of :func:`trp.distill.distill_loss` with
+    ``distill = (weight, temperature)``, the teacher's logits computed once per batch. The method's optimizer hooks
     (:meth:`trp.methods.Method.attach`) run inside that step, on unscaled gradients, and not at all
     for a step the scaler skips.
 
@@ -269,6 +276,8 @@ class Loop:
     net: nn.Module | None = None  # what runs the forward pass: a DDP wrapper under torchrun (default: model)
     rank: int = 0
     world: int = 1
+    teacher: Teacher | None = None
+    distill: tuple[float, float] = (0.5, 4.0)  # (weight W, temperature T) of the distillation loss
 
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
@@ -298,7 +307,10 @@ class Loop:
                 group["lr"] = lr
             with autocast(self.device, self.amp):
                 logits = net(x)
-                loss = F.cross_entropy(logits, y)
+                if self.teacher is None:
+                    loss = F.cross_entropy(logits, y)
+                else:
+                    loss = distill_loss(logits, self.teacher(x), y, *self.distill)
             extra = self.method.extra_loss(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss if extra is None else loss + extra).backward()

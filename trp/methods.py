@@ -46,6 +46,7 @@ from trp import schemes
 from trp import svd_losses, svd_training
 from trp.errors import TRPError
 from trp.hook import TRP, Attachment, ramp
+from trp.latency_model import Target
 from trp.surgery import LAYERS, FilterFn, layer_filter
 from trp.validate import MAX_WHOLE, choice
 
@@ -125,7 +126,7 @@ class Method:
             >>> Baseline.check(SimpleNamespace(scheme="channel", speedup=2.0, freeze=None))
             Traceback (most recent call last):
             ...
-            trp.errors.TRPError: speedup and freeze shape TRP's ranks; method baseline has none (use trp or nuclear)
+            trp.errors.TRPError: speedup, latency-speedup and freeze shape TRP's ranks; method baseline has none (use trp or nuclear)
         """
         names_ = scheme_names(config.scheme)  # an unknown name is named as such
         layers = choice(getattr(config, "layers", "convs"), "layers", LAYERS)
@@ -134,8 +135,10 @@ class Method:
                            f"choose one of: {', '.join(cls.scheme_choices)}")
         if cls.one_scheme and layers != "convs":
             raise TRPError(f"method {cls.name} trains the paper's convs only (--layers convs), not --layers {layers}")
-        if not cls.shapes_ranks and (config.speedup is not None or config.freeze is not None):
-            raise TRPError(f"speedup and freeze shape TRP's ranks; method {cls.name} has none (use trp or nuclear)")
+        if not cls.shapes_ranks and (config.speedup is not None or config.freeze is not None
+                                     or getattr(config, "latency_speedup", None) is not None):
+            raise TRPError(f"speedup, latency-speedup and freeze shape TRP's ranks; method {cls.name} has none "
+                           "(use trp or nuclear)")
 
     def prepare(self, model: nn.Module, data: Any, steps_per_epoch: int) -> nn.Module:
         """Make ``model`` ready for this method (on its final device); returns it."""
@@ -206,13 +209,19 @@ class TrainedRankPruning(Method):
         c = self.config
         energy: Any = c.energy
         speedup: Any = c.speedup
+        latency: Any = getattr(c, "latency_speedup", None)
         if c.energy_ramp > 0:
             n = epochs_to_steps(c.energy_ramp, steps_per_epoch)
             energy = ramp(c.energy, n)
             speedup = ramp(c.speedup, n) if c.speedup is not None else None
+            latency = ramp(latency, n) if latency is not None else None
         freeze = None if c.freeze is None else epochs_to_steps(c.freeze, steps_per_epoch)
+        # The measured-time budget (trp.latency_budget over a per-layer latency table), passed only when
+        # asked for, like speedup: ramped by energy_ramp and frozen by freeze (/tmp/team/latency_interface.md).
+        timed = {} if latency is None else {"latency": latency, "latency_target": Target(
+            batch_size=getattr(c, "latency_batch", 128), runtime=getattr(c, "latency_runtime", "eager"))}
         self.reg = TRP(model, scheme_names(c.scheme), energy, c.period, c.nuclear, filter_fn=run_filter(model, c),
-                       project=self.project, speedup=speedup, freeze=freeze, input_shape=data.input_shape)
+                       project=self.project, speedup=speedup, freeze=freeze, input_shape=data.input_shape, **timed)
         return model
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -272,15 +281,19 @@ class SVDTraining(Method):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        kind, weight = svd_losses.parse_sparsity(config.sparsity)
-        self.losses = svd_losses.SVDTrainingConfig(orth=config.orth, sparsity_kind=kind, sparsity=weight)
+        self.kind, self.weight, self.per_epoch = svd_losses.parse_sparsity_rate(config.sparsity)
+        # The per-step weight of a per-epoch setting is known once prepare() knows the steps per epoch.
+        self.losses = svd_losses.SVDTrainingConfig(orth=config.orth, sparsity_kind=self.kind,
+                                                   sparsity=0.0 if self.per_epoch else self.weight)
 
     @classmethod
     def check(cls, config: Any) -> None:
         super().check(config)
-        svd_losses.parse_sparsity(config.sparsity)
+        svd_losses.parse_sparsity_rate(config.sparsity)
 
     def prepare(self, model: nn.Module, data: Any, steps_per_epoch: int) -> nn.Module:
+        weight = svd_losses.step_weight(self.weight, self.per_epoch, steps_per_epoch)
+        self.losses = svd_losses.SVDTrainingConfig(orth=self.config.orth, sparsity_kind=self.kind, sparsity=weight)
         return svd_training.svd_parametrize_(model, self.config.scheme)
 
     def structure(self) -> dict | None:

@@ -31,6 +31,7 @@ __all__ = [
     "fraction",
     "speedup",
     "parse",
+    "register",
     "energy_rank",
     "kept_energy",
     "resolve",
@@ -216,15 +217,35 @@ def speedup(s: float) -> Speedup:
     return Speedup(s)
 
 
-_PARSERS = {"energy": energy, "value": value, "fixed": fixed, "fraction": fraction, "speedup": speedup}
+# One home for the ``NAME:NUMBER`` forms; budgets defined above this module in the dependency
+# order (``trp.latency`` in :mod:`trp.latency_budget`) add theirs with :func:`register`.
+_PARSERS: dict[str, Callable[[float], Any]] = {"energy": energy, "value": value, "fixed": fixed, "fraction": fraction,
+                                               "speedup": speedup}
 
 
-def parse(text: str) -> Criterion:
-    """Parse ``name:number`` as given on the command line.
+def register(name: str, make: Callable[[float], Any]) -> None:
+    """Let :func:`parse` read ``name:NUMBER`` as ``make(NUMBER)`` (how ``latency:S`` becomes
+    ``trp.latency(S)`` without this module importing the latency model). Registering a name again
+    with the same function is a no-op; with another, an error.
 
     Example:
-        >>> parse("value:0.05")
-        Value(t=0.05)
+        >>> register("speedup", speedup)  # already there: nothing changes
+        >>> parse("latency:2")
+        Latency(s=2.0, multiple=None, batch_size=128, runtime='eager', threads=None, min_run_time=0.05, cache_dir=None, model_ms=None, rounds=1)
+    """
+    if not name.isidentifier():
+        raise TRPError(f"a rank criterion name must be a plain word, got {name!r}")
+    if _PARSERS.get(name, make) is not make:
+        raise TRPError(f"rank criterion {name!r} is already registered")
+    _PARSERS[name] = make
+
+
+def parse(text: str) -> Any:
+    """Parse ``name:number`` as given on the command line (the names of :func:`register` included).
+
+    Example:
+        >>> parse("value:0.05"), str(parse("latency:2.5"))
+        (Value(t=0.05), 'latency:2.5')
     """
     name, sep, num = str(text).partition(":")
     if not sep or name not in _PARSERS:

@@ -52,10 +52,10 @@ from torch import Tensor, nn
 
 from trp.errors import TRPError
 from trp.measure import benchmark_module
-from trp.tracing import sample_shape
+from trp.tracing import first_embedding, sample_shape
 from trp.validate import choice, number, whole
 
-__all__ = ["Runtime", "RUNTIMES", "SEED", "COMPILE_TIMEOUT", "Timings", "names", "get", "available",
+__all__ = ["Runtime", "RUNTIMES", "SEED", "COMPILE_TIMEOUT", "Timings", "names", "get", "defaults", "parse_list", "available",
            "example_input", "time_call", "measure", "measure_all", "best", "table"]
 
 #: Seed of the random-normal inputs every runtime is timed (and checked) on.
@@ -246,6 +246,36 @@ def get(name: str) -> Runtime:
     return RUNTIMES[choice(name, "runtime", tuple(RUNTIMES))]
 
 
+def defaults() -> tuple[str, ...]:
+    """The runtimes measured when none are named: ``$TRP_RUNTIMES`` (comma-separated names, e.g. to
+    leave out torch.compile's ~20 s per model and batch on a small CPU), else every registered one.
+
+    Example:
+        >>> import os
+        >>> defaults() == names() or "TRP_RUNTIMES" in os.environ
+        True
+    """
+    text = os.environ.get("TRP_RUNTIMES", "").strip()
+    if not text:
+        return names()
+    return tuple(dict.fromkeys(get(name.strip()).name for name in text.split(",") if name.strip()))
+
+
+def parse_list(text: str | None) -> tuple[str, ...] | None:
+    """Runtime names from the command line: ``"eager,onnxruntime"``, ``"all"`` (every one), or
+    None / empty for :func:`defaults` (returned as None).
+
+    Example:
+        >>> parse_list("eager, onnxruntime"), parse_list(None), parse_list("all") == names()
+        (('eager', 'onnxruntime'), None, True)
+    """
+    if text is None or not str(text).strip():
+        return None
+    if str(text).strip() == "all":
+        return names()
+    return tuple(dict.fromkeys(get(name.strip()).name for name in str(text).split(",") if name.strip()))
+
+
 def available() -> dict[str, str | None]:
     """Every runtime with the reason it cannot run here, or None when it can (no model is run).
 
@@ -257,15 +287,22 @@ def available() -> dict[str, str | None]:
 
 
 def example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int) -> Tensor:
-    """A random-normal batch (seeded with :data:`SEED`) on the model's device, in its dtype.
+    """A random-normal batch (seeded with :data:`SEED`) on the model's device, in its dtype; for a
+    token model (an ``nn.Embedding`` first) uniformly random ids below its vocabulary size.
 
     Example:
         >>> example_input(nn.Linear(3, 2), (3,), 2).shape
         torch.Size([2, 3])
+        >>> x = example_input(nn.Sequential(nn.Embedding(5, 4)), (7,), 2)
+        >>> x.dtype, int(x.max()) < 5
+        (torch.int64, True)
     """
     ref = next(model.parameters(), None)
     device, dtype = (ref.device, ref.dtype) if ref is not None else (torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(SEED)
+    embedding = first_embedding(model)
+    if embedding is not None:
+        return torch.randint(embedding.num_embeddings, (batch_size, *input_shape), generator=gen).to(device)
     return torch.randn(batch_size, *input_shape, generator=gen).to(device=device, dtype=dtype)
 
 
@@ -385,6 +422,22 @@ class Timings(dict):
         self.threads = int(threads)
         self.input_shape = tuple(int(d) for d in input_shape)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Timings":
+        """The timings :meth:`to_dict` wrote (e.g. read back from a ``report.json``).
+
+        Example:
+            >>> t = Timings({"eager": {1: 2.0}}, threads=2, input_shape=(3, 8, 8))
+            >>> Timings.from_dict(t.to_dict()) == t, Timings.from_dict(t.to_dict()).threads
+            (True, 2)
+        """
+        try:
+            ms = {str(name): {int(b): float(v) for b, v in by_batch.items()} for name, by_batch in d["ms"].items()}
+            return cls(ms, {str(k): str(v) for k, v in d.get("skipped", {}).items()}, int(d.get("threads", 0)),
+                       [int(x) for x in d.get("input_shape", [])])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise TRPError(f"not a timings record ({type(err).__name__}: {err})") from None
+
     def to_dict(self) -> dict:
         """JSON-ready: ``{"threads", "input_shape", "ms": {runtime: {"batch": ms}}, "skipped", "versions"}``."""
         return {"threads": self.threads, "input_shape": list(self.input_shape),
@@ -396,7 +449,7 @@ class Timings(dict):
 def measure_all(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 128),
                 runtimes: Sequence[str] | None = None, threads: int | None = None, min_run_time: float = 0.3,
                 compile_timeout: float = COMPILE_TIMEOUT, log: Callable[[str], None] | None = None) -> Timings:
-    """Time ``model`` in every runtime (default: all of :data:`RUNTIMES`) at every batch size.
+    """Time ``model`` in every runtime (default: :func:`defaults`, all of :data:`RUNTIMES`) at every batch size.
 
     A runtime that is unavailable or fails (a conversion error, an output that differs from eager,
     a compilation past ``compile_timeout``) goes to ``skipped`` with its reason; the batch sizes
@@ -407,7 +460,7 @@ def measure_all(model: nn.Module, input_shape: Sequence[int], batch_sizes: Seque
         >>> dict(t), t.skipped["channels_last"]
         ({}, 'channels_last needs a 4-D (N, C, H, W) input, got 2-D')
     """
-    chosen = list(RUNTIMES) if runtimes is None else [get(name).name for name in runtimes]
+    chosen = list(defaults()) if runtimes is None else [get(name).name for name in runtimes]
     threads = torch.get_num_threads() if threads is None else whole(threads, "threads", low=1)
     batches = [whole(b, "batch size", low=1) for b in batch_sizes]
     shape = sample_shape(model, input_shape)
@@ -429,14 +482,17 @@ def measure_all(model: nn.Module, input_shape: Sequence[int], batch_sizes: Seque
     return result
 
 
-def best(results: Mapping[str, Mapping[int, float]], batch: int) -> tuple[str, float]:
-    """The fastest runtime at one batch size: ``(runtime, ms)`` (ties: the first listed).
+def best(results: Mapping[str, Mapping[int, float]], batch: int, exclude: Sequence[str] = ()) -> tuple[str, float]:
+    """The fastest runtime at one batch size: ``(runtime, ms)`` (ties: the first listed), leaving out ``exclude``.
 
     Example:
         >>> best({"eager": {128: 95.0}, "channels_last": {128: 70.0}, "torchscript": {1: 1.0}}, 128)
         ('channels_last', 70.0)
+        >>> best({"eager": {1: 3.0}, "compile": {1: 1.0}}, 1, exclude=("compile",))
+        ('eager', 3.0)
     """
-    measured = [(by_batch[batch], name) for name, by_batch in results.items() if batch in by_batch]
+    measured = [(by_batch[batch], name) for name, by_batch in results.items()
+                if batch in by_batch and name not in exclude]
     if not measured:
         raise TRPError(f"no runtime was measured at batch size {batch}")
     ms, name = min(measured, key=lambda pair: pair[0])

@@ -25,12 +25,21 @@ from trp.svd_training import factors, require_svd_layers
 from trp.validate import choice, number
 
 __all__ = [
-    "SPARSITY_KINDS", "SVDTrainingConfig", "orthogonality_penalty", "sparsity_penalty", "orthogonality_loss",
-    "sparsity_loss", "regularization", "parse_sparsity",
+    "SPARSITY_KINDS", "DEFAULT_SPARSITY", "SVDTrainingConfig", "orthogonality_penalty", "sparsity_penalty",
+    "orthogonality_loss", "sparsity_loss", "regularization", "parse_sparsity", "parse_sparsity_rate", "step_weight",
 ]
 
 #: Sparsity regularizers on the singular values (paper Eq. 4).
 SPARSITY_KINDS = ("l1", "hoyer")
+
+#: The default of ``trp train --method svd``: a weight per epoch, i.e. 10 / (steps per epoch) per step.
+#: The pull of the sparsity term on a singular value adds up over the optimizer steps, so a fixed weight
+#: per step sparsifies a dataset of 12 steps per epoch (digits) 30x less per epoch than one of 391
+#: (CIFAR-10). Stated per epoch, the same default shrinks the spectrum by the same amount per pass
+#: over the data on any dataset: on digits (12 steps per epoch) 0.83 per step, on cifar10-mini (29-32)
+#: about 0.33, on full CIFAR-10 0.026, on ImageNet (10k steps) 1e-3, the scale Yang et al. use there.
+#: Chosen by measurement (20 epochs of digits and of cifar10-mini, see benchmarks/FINETUNE.md).
+DEFAULT_SPARSITY = "hoyer:10/epoch"
 
 
 def orthogonality_penalty(u: Tensor, v: Tensor) -> Tensor:
@@ -149,6 +158,39 @@ def parse_sparsity(text: str) -> tuple[str, float]:
         kinds = ", ".join(SPARSITY_KINDS)
         raise TRPError(f"sparsity must look like KIND:WEIGHT with KIND one of {kinds}; got {text!r}")
     return kind, number(num.strip(), f"sparsity weight in {text!r}", low=0.0)
+
+
+def parse_sparsity_rate(text: str) -> tuple[str, float, bool]:
+    """Parse ``KIND:WEIGHT`` (a weight per optimizer step) or ``KIND:WEIGHT/epoch`` (per pass over the data).
+
+    Returns ``(kind, weight, per_epoch)``; :func:`step_weight` turns it into the weight of one step.
+
+    Example:
+        >>> parse_sparsity_rate("hoyer:10/epoch"), parse_sparsity_rate("l1:1e-4")
+        (('hoyer', 10.0, True), ('l1', 0.0001, False))
+    """
+    body, sep, unit = str(text).strip().rpartition("/")
+    if sep and unit.strip().lower() == "epoch":
+        kind, weight = parse_sparsity(body)
+        return kind, weight, True
+    if sep:
+        raise TRPError(f"sparsity must look like KIND:WEIGHT or KIND:WEIGHT/epoch; got {text!r}")
+    kind, weight = parse_sparsity(text)
+    return kind, weight, False
+
+
+def step_weight(weight: float, per_epoch: bool, steps_per_epoch: int) -> float:
+    """The sparsity weight of one optimizer step: ``weight / steps_per_epoch`` for a per-epoch weight.
+
+    Example:
+        >>> step_weight(10.0, True, 40), step_weight(0.3, False, 40)
+        (0.25, 0.3)
+    """
+    if not per_epoch:
+        return weight
+    if steps_per_epoch < 1:
+        raise TRPError(f"steps per epoch must be >= 1, got {steps_per_epoch}")
+    return weight / steps_per_epoch
 
 
 def regularization(model: nn.Module, config: SVDTrainingConfig | None = None) -> Tensor:

@@ -32,8 +32,8 @@ from trp.errors import TRPError
 from trp.schemes import is_hf_conv1d
 
 __all__ = ["COUNTED", "DEFAULT_TOKENS", "Shapes", "Use", "Trace", "layer_macs", "attention_macs",
-           "default_input_shape", "sample_shape", "example_input", "cannot_take", "trace", "trace_calls",
-           "trace_shapes"]
+           "default_input_shape", "sample_shape", "example_input", "first_embedding", "cannot_take", "trace",
+           "trace_calls", "trace_shapes"]
 
 COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 #: The sequence length of a token model (one whose first parametrized layer is an nn.Embedding)
@@ -119,9 +119,20 @@ def _first_layer(model: nn.Module) -> nn.Module | None:
     return next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), None)
 
 
+def first_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's first layer with parameters if it is an ``nn.Embedding`` (a token model takes ids,
+    not floats), else None.
+
+    Example:
+        >>> first_embedding(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))).num_embeddings
+        10
+    """
+    first = _first_layer(model)
+    return first if isinstance(first, nn.Embedding) else None
+
+
 def _token_model(model: nn.Module) -> bool:
-    """A model whose first layer with parameters is an embedding takes token ids, not floats."""
-    return isinstance(_first_layer(model), nn.Embedding)
+    return first_embedding(model) is not None
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:

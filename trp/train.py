@@ -20,6 +20,13 @@ uninterrupted one. What a run folder guarantees (see :mod:`trp.runs`):
 * ``--resume`` refuses settings that contradict the saved run, except :data:`RESUMABLE` ones
   (train longer, move device or data), and records each change in the run (``changes`` in
   ``config.json`` and in the checkpoint).
+
+A run may start from trained weights (``init``, :mod:`trp.weights`), learn from a teacher
+(``teacher``, :mod:`trp.distill`: the loop's loss becomes the distillation loss) and hold out a
+validation split (``val_split``, :mod:`trp.data.split`): then every epoch is evaluated on the
+validation split and the test split once, after the last epoch (``final_test`` in ``config.json``).
+``config.json`` and the checkpoint record both sources with their SHA-256; a resumed run reloads the
+teacher and refuses a different file. :class:`TrainConfig` lives in :mod:`trp.config`.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -40,160 +47,21 @@ from torch import Tensor, nn
 
 from trp import checkpoint as ckpt
 from trp import methods, models
-from trp.data import DATASETS
+from trp.config import METHODS, RESUMABLE, TrainConfig, load_config_file
 from trp.data import load as load_data
+from trp.data.split import hold_out
 from trp.dist import any_rank, broadcast_buffers, rank_and_world, replicas_identical
+from trp.distill import Teacher
 from trp.errors import TRPError
 from trp.io import atomic_write_text, remove_stale_temps
 from trp.loop import (EpochStats, Loop, StopRequest, cosine_lr, evaluate, make_optimizer, recalibrate_bn,
                       resolve_device, seed_everything)
 from trp.runs import check_free, check_writable, clear_run, contents, locked
 from trp.structure import ModelSpec
-from trp.validate import MAX_WHOLE, boolean, choice, number, text, whole
+from trp.validate import whole
+from trp.weights import Weights, build_teacher, init_model, init_weights_, read_weights
 
 __all__ = ["TrainConfig", "METHODS", "RESUMABLE", "train", "lr_at", "load_config_file"]
-
-METHODS = methods.names()
-#: Settings ``--resume`` may change: train longer, or continue on another device or data copy.
-RESUMABLE = ("epochs", "device", "data_dir", "download")
-SEED_LIMIT = 2**32 - 1  # the data order seeds a generator with seed·100003 + epoch, which must fit 64 bits
-
-# Number fields: (low, high, low_open); whole-number fields: (low, high).
-_NUMBERS = {"energy": (0.0, 1.0, True), "energy_ramp": (0.0, MAX_WHOLE, False), "nuclear": (0.0, None, False),
-            "orth": (0.0, None, False), "lr": (0.0, None, True), "momentum": (0.0, None, False),
-            "weight_decay": (0.0, None, False)}
-_WHOLES = {"period": (1, None), "epochs": (1, None), "batch_size": (1, None), "seed": (0, SEED_LIMIT)}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a training run; validated on construction (:mod:`trp.validate`).
-
-    Example:
-        >>> TrainConfig(model="resnet20", dataset="digits", epochs=2).method
-        'trp'
-    """
-
-    model: str = "resnet20"  # a zoo name, torchvision:NAME, timm:NAME, hf:CONFIG.json or python:MODULE:FUNCTION
-    model_kwargs: Mapping[str, Any] | None = None  # the source's keyword arguments (JSON object or its text)
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    skip_bad_images: bool = False  # image folders: leave unreadable files out (counted) instead of refusing
-    method: str = "trp"
-    scheme: str = "channel"  # a scheme, "auto", or several tried in order per layer: "spatial,linear"
-    layers: str = "convs"  # "convs": every conv but the first (the paper's); "all": also Linear, bar the classifier
-    energy: float = 0.9
-    energy_ramp: float = 0.0  # epochs over which the target tightens from dense to `energy` (or `speedup`)
-    speedup: float | None = None  # TRP ranks for this whole-model MACs speed-up instead of `energy`
-    freeze: float | None = None  # epochs after which TRP's ranks stay fixed (None: they never do)
-    period: int = 20
-    nuclear: float = 3e-4
-    orth: float = 1.0  # SVD training: orthogonality weight
-    sparsity: str = "hoyer:1e-3"  # SVD training: KIND:WEIGHT
-    epochs: int = 30
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    schedule: str = "cosine"  # or "step"
-    lr_steps: tuple[int, ...] = ()  # epochs where a step schedule multiplies lr by 0.1
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    deterministic: bool = True
-
-    def __post_init__(self) -> None:
-        put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        put("model_kwargs", models.check(self.model, self.model_kwargs))
-        choice(self.dataset, "dataset", tuple(DATASETS))
-        choice(self.method, "method", METHODS)
-        choice(self.schedule, "schedule", ("cosine", "step"))
-        for name in ("download", "skip_bad_images", "amp", "deterministic"):
-            boolean(getattr(self, name), name.replace("_", "-"))
-        for name in ("scheme", "layers", "sparsity", "device") + (("data_dir",) if self.data_dir is not None else ()):
-            text(getattr(self, name), name.replace("_", "-"))
-        # Numbers must be numbers: a recipe's "lr": "0.1" is a mistake to point out, not to guess at.
-        for name in (*_NUMBERS, *_WHOLES, "speedup", "freeze"):
-            if isinstance(getattr(self, name), (str, bytes)):
-                kind = "a whole number" if name in _WHOLES else "a number"
-                raise TRPError(f"{name.replace('_', '-')} must be {kind}, got {getattr(self, name)!r}")
-        for name, (low, high, low_open) in _NUMBERS.items():
-            put(name, number(getattr(self, name), name.replace("_", "-"), low=low, high=high, low_open=low_open))
-        for name, (low, high) in _WHOLES.items():
-            put(name, whole(getattr(self, name), name.replace("_", "-"), low=low, high=high))
-        if self.speedup is not None:
-            put("speedup", number(self.speedup, "speedup", low=1.0))
-        if self.freeze is not None:
-            put("freeze", number(self.freeze, "freeze", low=0.0, high=MAX_WHOLE))
-        if not isinstance(self.lr_steps, (list, tuple)) or any(isinstance(s, (str, bytes)) for s in self.lr_steps):
-            raise TRPError(f"lr-steps must be a list of whole numbers, got {self.lr_steps!r}")
-        put("lr_steps", tuple(whole(s, "lr-steps", low=0) for s in self.lr_steps))
-        methods.get(self.method).check(self)
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError:
-                raise TRPError(f"unknown device {self.device!r}") from None
-
-    def warnings(self) -> list[str]:
-        """Values that are valid but far outside the sensible range, each with what training does.
-
-        Example:
-            >>> TrainConfig(momentum=5).warnings()[0][:30]
-            'momentum 5 is outside [0, 1): '
-        """
-        out = []
-        if self.momentum >= 1:
-            out.append(f"momentum {self.momentum:g} is outside [0, 1): every step then adds more than the one before, "
-                       "so SGD diverges; training with it as given")
-        if methods.get(self.method).shapes_ranks:
-            if self.energy_ramp > self.epochs:
-                out.append(f"energy-ramp {self.energy_ramp:g} is longer than the run's {self.epochs} epochs: the "
-                           "projection never reaches its target; training with it as given")
-            if self.freeze is not None and self.freeze > self.epochs:
-                out.append(f"freeze {self.freeze:g} is past the run's {self.epochs} epochs: the ranks never freeze")
-        return out
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lr_steps"] = list(self.lr_steps)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        if not isinstance(d, Mapping):
-            raise TRPError(f"a config must be a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise TRPError(f"unknown config key {unknown[0]!r}")
-        return cls(**d)
-
-
-def load_config_file(path: str | Path) -> dict:
-    """Read a JSON recipe (e.g. ``configs/resnet20_cifar10_trp.json``) as a dict of config keys.
-
-    A run's own ``config.json`` works too (its ``config`` object is the recipe), so
-    ``trp train --config RUN/config.json --out RUN`` starts a run again exactly as it was started.
-
-    Example:
-        >>> import tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), "c.json"); _ = open(p, "w").write('{"epochs": 3}')
-        >>> load_config_file(p)
-        {'epochs': 3}
-    """
-    try:
-        d = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise TRPError(f"no such config file: {path}") from None
-    except (OSError, ValueError) as err:
-        raise TRPError(f"cannot read config file {path}: {err}") from None
-    if isinstance(d, dict) and isinstance(d.get("config"), dict):  # a run folder's config.json
-        d = d["config"]
-    if not isinstance(d, dict):
-        raise TRPError(f"config file {path} must hold a JSON object")
-    return {k.replace("-", "_"): v for k, v in d.items() if not k.startswith("_")}
-
 
 def lr_at(config: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:
     """Learning rate at a given step: cosine over the run, or ×0.1 at each ``lr_steps`` epoch.
@@ -300,8 +168,10 @@ def _claimed(out: Path, config: TrainConfig, resume: bool, overwrite: bool, rank
 
 # epoch_time_s: the epoch's training steps; finish_time_s: the one-off end of training that follows the
 # last epoch's steps (TRP's final projection and BatchNorm recalibration), 0 elsewhere.
+# With a validation split (val_split > 0) every epoch reports val_loss / val_acc and only the last one
+# test_loss / test_acc: the test split is evaluated once, at the end.
 METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s", "finish_time_s",
-                 "mean_rank"]
+                 "mean_rank", "val_loss", "val_acc"]
 
 
 def _metrics_csv(rows: list[dict]) -> str:
@@ -325,16 +195,31 @@ class _Run:
     changes: list[dict]
     log: Callable[[str], None]
     progress: bool
+    sources: dict[str, dict | None]  # where the weights started ("init") and the teacher, with SHA-256s
+    final_test: dict | None = None  # the one test evaluation at the end of the run
+
+
+def _create(config: TrainConfig, data: Any) -> tuple[nn.Module, dict]:
+    """A fresh instance of the run's architecture for ``data`` (the global RNG seeds its weights)."""
+    kwargs = models.portable_kwargs(config.model, config.model_kwargs)  # hf: the config file's content
+    return models.create(config.model, num_classes=data.num_classes, in_channels=data.input_shape[0], **kwargs), kwargs
 
 
 def _build(config: TrainConfig, data: Any, method: methods.Method, device: torch.device,
-           world: int) -> tuple[nn.Module, ModelSpec]:
-    """The run's model (seeded init, prepared for its method) and the spec that rebuilds it."""
+           world: int, init: Weights | None) -> tuple[nn.Module, ModelSpec]:
+    """The run's model (seeded init or ``init``'s weights, prepared for its method) and its spec."""
     c, h, w = data.input_shape
     torch.manual_seed(config.seed)
-    kwargs = models.portable_kwargs(config.model, config.model_kwargs)  # hf: the config file's content
-    model = models.create(config.model, num_classes=data.num_classes, in_channels=c, **kwargs).to(device)
-    model = method.prepare(model, data, data.num_train_batches(config.batch_size, world))
+    if init is not None and init.structured:  # a decomposed (or otherwise transformed) model trains as it is
+        if config.method != "baseline":
+            raise TRPError(f"--init {init.source} is a transformed model ({', '.join(init.record()['transforms'])}); "
+                           "it fine-tunes with --method baseline only")
+        model, spec = init_model(init, config.model, data.num_classes, [c, h, w])
+        return model.to(device), spec
+    model, kwargs = _create(config, data)
+    if init is not None:  # before the method's prepare: SVD training factors the trained weights
+        init_weights_(model, init)
+    model = method.prepare(model.to(device), data, data.num_train_batches(config.batch_size, world))
     spec = ModelSpec(config.model, data.num_classes, c, [c, h, w], dataset=config.dataset, kwargs=kwargs)
     structure = method.structure()
     return model, spec.then(structure) if structure else spec
@@ -357,7 +242,9 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, method: methods
 def _write_config(run: _Run, world: int) -> None:
     c = run.config
     doc = {"config": c.to_dict(), "world_size": world, "per_rank_batch": c.batch_size, "global_batch": c.batch_size * world,
-           "device": str(run.device), "torch": torch.__version__, "changes": run.changes}
+           "device": str(run.device), "torch": torch.__version__, "changes": run.changes, **run.sources}
+    if run.final_test is not None:
+        doc["final_test"] = run.final_test
     atomic_write_text(run.out / "config.json", json.dumps(doc, indent=1))
 
 
@@ -367,7 +254,8 @@ def _save_checkpoint(run: _Run, epoch: int) -> None:
     method_tensors, method_meta = loop.method.state_dict()
     tensors = {**ckpt.with_prefix(ckpt.MODEL_PREFIX, loop.model.state_dict()), **opt_tensors, **method_tensors}
     meta = {"model": run.spec.to_dict(), "config": run.config.to_dict(), "epoch": epoch, "optimizer": opt_doc,
-            "metrics": run.rows, "rank_history": [], **method_meta, "changes": run.changes}
+            "metrics": run.rows, "rank_history": [], **method_meta, "changes": run.changes, "sources": run.sources,
+            "final_test": run.final_test}
     # One file holds the whole state, written atomically: never a model of one epoch with the
     # optimizer of another. metrics.csv is a convenience copy written after it.
     ckpt.write_safetensors(run.out / ckpt.CHECKPOINT_FILE, tensors, meta)
@@ -384,11 +272,22 @@ def _epoch_row(run: _Run, epoch: int, stats: EpochStats, finish_time: float) -> 
                             torch.tensor(float(stats.seen), dtype=torch.float64, device=run.device)])
         torch.distributed.all_reduce(sums)
         stats = EpochStats(sums[0], sums[1], int(sums[2]), stats.lr, stats.seconds)
-    test_acc, test_loss = evaluate(loop.model, loop.data, amp=run.config.amp)
+    held_out = run.config.val_split > 0  # then the test split waits for the end of the run
+    acc, loss = evaluate(loop.model, loop.data, amp=run.config.amp, split="val" if held_out else "test")
+    scores = {"val_loss": round(loss, 6), "val_acc": round(acc, 4), "test_loss": "", "test_acc": ""} if held_out \
+        else {"test_loss": round(loss, 6), "test_acc": round(acc, 4), "val_loss": "", "val_acc": ""}
     return {"epoch": epoch + 1, "lr": round(stats.lr, 8), "train_loss": round(stats.loss, 6),
-            "train_acc": round(stats.acc, 4), "test_loss": round(test_loss, 6), "test_acc": round(test_acc, 4),
-            "epoch_time_s": round(stats.seconds, 4), "finish_time_s": round(finish_time, 4),
-            **loop.method.summary(loop.model)}
+            "train_acc": round(stats.acc, 4), **scores, "epoch_time_s": round(stats.seconds, 4),
+            "finish_time_s": round(finish_time, 4), **loop.method.summary(loop.model)}
+
+
+def _final_test(run: _Run, row: dict) -> None:
+    """The one evaluation of the test split, after the last epoch: into the row, config.json and checkpoint."""
+    if run.config.val_split > 0:
+        acc, loss = evaluate(run.loop.model, run.loop.data, amp=run.config.amp, split="test")
+        row.update(test_loss=round(loss, 6), test_acc=round(acc, 4))
+    run.final_test = {"epoch": row["epoch"], "test_acc": row["test_acc"], "test_loss": row["test_loss"],
+                      "test_images": run.loop.data.num_test, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
 
 
 def _kept(out: Path, epoch: int) -> str:
@@ -418,13 +317,55 @@ def _run_epochs(run: _Run, start: int, stop: StopRequest, stop_after_epoch: int 
             # re-estimate, so they are recomputed for the final weights.
             recalibrate_bn(loop.net, loop.data, config.batch_size, epoch, config.seed, loop.rank, world)
         row = _epoch_row(run, epoch, stats, time.perf_counter() - t0)
+        last = epoch == config.epochs - 1
+        if last:
+            _final_test(run, row)
         run.rows.append(row)
         if loop.rank == 0:
             _save_checkpoint(run, epoch + 1)
+            if last:
+                _write_config(run, world)  # with the final test
+            scores = (f"val {row['val_acc']:.2f}%" if row["val_acc"] != "" else "") + \
+                (f"  test {row['test_acc']:.2f}%" if row["test_acc"] != "" else "")
             run.log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
-                    f"test {row['test_acc']:.2f}%  {stats.seconds:.1f}s"
+                    f"{scores.strip()}  {stats.seconds:.1f}s"
                     + (f"  mean rank {row['mean_rank']}" if row.get("mean_rank") != "" else ""))
     return False
+
+
+def _data(config: TrainConfig, device: torch.device) -> Any:
+    """The run's data on ``device``, with its validation split held out (the same on every rank)."""
+    data = load_data(config.dataset, config.data_dir, config.download, config.skip_bad_images)
+    return (hold_out(data, config.val_split, config.seed) if config.val_split > 0 else data).to(device)
+
+
+def _init(config: TrainConfig, saved: _Saved | None) -> Weights | None:
+    """The ``init`` weights of a new run. A resumed run's weights come from its checkpoint, so the source
+    is read again only when it gave the run its structure (a decomposed model), and must be unchanged."""
+    if config.init is None:
+        return None
+    recorded = ((saved.meta.get("sources") or {}).get("init") or {}) if saved else {}
+    if saved and not recorded.get("transforms"):
+        return None
+    weights = read_weights(config.init)
+    if saved and weights.sha256 != recorded.get("sha256"):
+        raise TRPError(f"--init {config.init} changed since the run started (its SHA-256 differs); the run's "
+                       "structure came from it")
+    return weights
+
+
+def _teacher(config: TrainConfig, data: Any, device: torch.device,
+             saved_sha: str | None) -> tuple[Teacher, dict] | None:
+    """The teacher and its record; on resume it must be the file the run started with (same SHA-256)."""
+    if config.teacher is None:
+        return None
+    weights = read_weights(config.teacher)
+    if saved_sha is not None and weights.sha256 != saved_sha:
+        raise TRPError(f"--teacher {config.teacher} is not the teacher this run was trained with "
+                       f"(SHA-256 {weights.sha256[:12]}…, the run's {saved_sha[:12]}…)")
+    with torch.random.fork_rng(devices=[]):  # building the teacher leaves the run's random stream alone
+        model = build_teacher(weights, lambda: _create(config, data)[0], data.num_classes, device)
+    return Teacher(model), weights.record()
 
 
 def train(
@@ -477,15 +418,21 @@ def train(
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's own GPU
     seed_everything(config.seed, config.deterministic)
-    data = load_data(config.dataset, config.data_dir, config.download, config.skip_bad_images).to(device)
+    data = _data(config, device)
     method = methods.get(config.method)(config)
-    model, spec = _build(config, data, method, device, world)
+    init = _init(config, saved)
+    model, spec = _build(config, data, method, device, world, init)
     optimizer = make_optimizer(model, config.lr, config.momentum, config.weight_decay)
     rows = _restore(model, optimizer, method, saved, out, config) if saved else []
+    sources = dict(saved.meta.get("sources") or {}) if saved else {"init": init.record() if init else None}
+    teacher = _teacher(config, data, device, (sources.get("teacher") or {}).get("sha256") if saved else None)
+    sources["teacher"] = teacher[1] if teacher else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    loop = Loop(model, optimizer, data, config.batch_size, config.seed, method, config.amp, net, rank, world)
-    run = _Run(out, config, spec, loop, device, rows, saved.changes if saved else [], log, progress)
+    loop = Loop(model, optimizer, data, config.batch_size, config.seed, method, config.amp, net, rank, world,
+                teacher[0] if teacher else None, (config.distill_weight, config.distill_temperature))
+    run = _Run(out, config, spec, loop, device, rows, saved.changes if saved else [], log, progress, sources,
+               saved.meta.get("final_test") if saved else None)
     start = saved.epoch if saved else 0
     wall0 = time.perf_counter()
     with StopRequest() as stop, _claimed(out, config, resume, overwrite, rank, device):
@@ -501,10 +448,13 @@ def train(
             method.detach()
     if not replicas_identical(model):
         raise TRPError("the replicas' weights differ between ranks; the run is not trustworthy")
+    final = run.final_test if run.final_test and run.final_test["epoch"] == len(rows) else None
     return {
         "world_size": world, "replicas_identical": True if world > 1 else None,
         "run": str(out), "method": config.method, "scheme": config.scheme, "epochs_done": len(rows),
-        "test_acc": rows[-1]["test_acc"] if rows else float("nan"),
+        "test_acc": rows[-1]["test_acc"] if rows and rows[-1]["test_acc"] != "" else float("nan"),
+        "val_acc": rows[-1]["val_acc"] if rows and rows[-1]["val_acc"] != "" else None,
+        "final_test_acc": final["test_acc"] if final else None,
         "mean_epoch_time_s": sum(r["epoch_time_s"] for r in rows) / len(rows) if rows else float("nan"),
         "wall_time_s": time.perf_counter() - wall0, "stopped": stopped, "resumed": saved is not None,
         "changed": {k: n for k, (_, n) in saved.changed.items()} if saved else {},  # this resume's new settings

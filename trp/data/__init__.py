@@ -1,12 +1,13 @@
 """Datasets by name: tensors augmented in whole batches, CIFAR pickles read safely, image folders checked.
 
-Three modules, each importing only :mod:`trp.data.tensors`:
+Four modules, each importing only :mod:`trp.data.tensors`:
 
 - :mod:`trp.data.tensors`: the :class:`Data` interface every dataset offers, :class:`TensorData` (a
   whole dataset as ``uint8`` tensors, shuffled, sharded and augmented a batch at a time on its device,
   reproducible from ``(seed, epoch)``), and scikit-learn's digits.
 - :mod:`trp.data.cifar`: CIFAR-10/100 from the official batch files through a restricted unpickler
   that can only build numpy arrays, so a planted file cannot run code; optional download.
+- :mod:`trp.data.split`: a seeded, class-balanced validation split held out of the training images.
 - :mod:`trp.data.folders`: ImageNet-style folders through DataLoader workers, every file checked
   before training, bad files refused by name or skipped and counted.
 
@@ -27,6 +28,7 @@ from collections.abc import Callable
 
 from trp.data.cifar import load_cifar
 from trp.data.folders import IMAGENET_MEAN, IMAGENET_STD, FolderData, load_image_folder
+from trp.data.split import hold_out
 from trp.data.tensors import Data, TensorData, crop_and_flip, load_digits_data
 from trp.errors import TRPError
 from trp.validate import boolean
@@ -39,6 +41,7 @@ __all__ = [
     "IMAGENET_STD",
     "TensorData",
     "crop_and_flip",
+    "hold_out",
     "load",
     "load_cifar",
     "load_digits_data",

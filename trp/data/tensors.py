@@ -276,19 +276,26 @@ class TensorData:
     std: tuple[float, ...]
     pad: int
     flip: bool
+    x_val: torch.Tensor | None = field(default=None, repr=False)  # a validation split held out of training
+    y_val: torch.Tensor | None = field(default=None, repr=False)  # (:func:`trp.data.split.hold_out`), or None
     _scale: torch.Tensor = field(init=False, repr=False)
     _shift: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+        splits = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
+        if (self.x_val is None) != (self.y_val is None):
+            raise TRPError(f"{self.name}: validation images and labels come together")
+        if self.x_val is not None:
+            splits.append(("validation", self.x_val, self.y_val))
+        for split, x, y in splits:
             if x.dtype != torch.uint8 or x.dim() != 4:
                 raise TRPError(f"{self.name}: {split} images must be uint8 [N, C, H, W], got {x.dtype} {list(x.shape)}")
             if y.dtype != torch.int64 or y.shape != (x.shape[0],):
                 raise TRPError(
                     f"{self.name}: {split} labels must be int64 [{x.shape[0]}], got {y.dtype} {list(y.shape)}"
                 )
-        if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise TRPError(f"{self.name}: train and test images differ in shape")
+        if any(x.shape[1:] != self.x_train.shape[1:] for _, x, _ in splits):
+            raise TRPError(f"{self.name}: train, test and validation images differ in shape")
         c = self.x_train.shape[1]
         if len(self.mean) != c or len(self.std) != c:
             raise TRPError(f"{self.name}: mean and std need {c} values (one per channel)")
@@ -315,6 +322,11 @@ class TensorData:
         return int(self.x_test.shape[0])
 
     @property
+    def num_val(self) -> int:
+        """Number of validation images (0 without a validation split)."""
+        return 0 if self.x_val is None else int(self.x_val.shape[0])
+
+    @property
     def device(self) -> torch.device:
         """Device the tensors live on."""
         return self.x_train.device
@@ -332,6 +344,8 @@ class TensorData:
             y_train=self.y_train.to(device),
             x_test=self.x_test.to(device),
             y_test=self.y_test.to(device),
+            x_val=None if self.x_val is None else self.x_val.to(device),
+            y_val=None if self.y_val is None else self.y_val.to(device),
         )
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -413,10 +427,28 @@ class TensorData:
             >>> sum(len(y) for r in range(3) for _, y in data.test_batches(50, rank=r, world_size=3))
             360
         """
+        yield from self._in_order(self.x_test, self.y_test, batch_size, rank, world_size)
+
+    def val_batches(
+        self, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield this rank's share of the validation split, like :meth:`test_batches`; a TRPError without one.
+
+        Example:
+            >>> from trp.data.split import hold_out
+            >>> sum(len(y) for _, y in hold_out(load_digits_data(), 0.1, seed=0).val_batches(100))
+            142
+        """
+        if self.x_val is None or self.y_val is None:
+            raise TRPError(f"{self.name} has no validation split (hold one out with --val-split)")
+        yield from self._in_order(self.x_val, self.y_val, batch_size, rank, world_size)
+
+    def _in_order(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int,
+                  world_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batch_size, rank, world_size = check_batching(batch_size, rank, world_size)
-        index = torch.arange(rank, self.num_test, world_size, device=self.device)
+        index = torch.arange(rank, x.shape[0], world_size, device=self.device)
         for idx in chunks(index, batch_size):
-            yield self._normalize(self.x_test[idx]), self.y_test[idx]
+            yield self._normalize(x[idx]), y[idx]
 
 
 def tensor_data(

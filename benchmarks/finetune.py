@@ -1,0 +1,586 @@
+"""From a trained dense ResNet-20 to a compressed one: TRP fine-tuning with distillation (issue #16).
+
+For each seed, side by side (``--jobs`` one-thread ``python -m trp train`` subprocesses at a time):
+
+1. ``baseline``: the dense network, 30 epochs, a class-balanced 10 % of the training images held out
+   for validation (``--val-split``).
+2. ``tune-NAME``: TRP (+ nuclear norm) fine-tuning from the baseline, distilled from it, for ``--speedup``
+   fewer MACs, one run per recipe of :data:`FT_RECIPES`, on the ``--tune-seeds`` only. The recipe with
+   the best mean *validation* accuracy is chosen; the test split is not looked at.
+3. ``trp-ft`` (a): the chosen recipe on every seed, then decomposed with :func:`trp.compress.compress`
+   (value threshold, no fine-tuning, no per-layer latency check so the MACs are what TRP trained for).
+4. ``posthoc-ft`` (b): the baseline decomposed post hoc (truncated SVD) at the MACs of (a), BatchNorm
+   kept, then fine-tuned for the same epochs with the same distillation and learning rate
+   (``trp train --init DECOMPOSED --teacher BASELINE``).
+
+(a) and (b) train ``--ft-epochs`` epochs (default 6; the issue allows up to 10).
+5. ``trp-scratch`` (c): TRP + nuclear from scratch with distillation from the baseline for
+   ``--scratch-speedup``, the committed from-scratch recipe (30 epochs, ramp 8, freeze 14, λ 1e-3),
+   after every seed's (a) and (b).
+6. ``timing``: one fine-tuning epoch with TRP + distillation against a plain epoch, one thread,
+   alternating (a job of its own once the recipe is chosen).
+
+Every run reports validation accuracy per epoch and the test split once, at its end. Writes
+``results.json`` and ``results.md`` (mean and spread over seeds, the targets of issue #16 checked from
+the numbers) into ``--out``. Runs already complete are reused, so an interrupted benchmark resumes.
+
+Example:
+    python benchmarks/finetune.py --seeds 0,1,2 --jobs 2 --rank value:1e-3 --out benchmarks/results/finetune-r20-c10mini
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import heapq
+import itertools
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere: the trp package is the repository's
+    sys.path.insert(0, str(REPO))
+DEFAULT_DATA = "../shared/data/cifar10-mini"
+
+#: Fine-tuning recipes tried on the validation split (epochs <= 10, --speedup for the budget).
+FT_RECIPES: dict[str, dict[str, Any]] = {
+    "lr01-r2-f4": {"lr": 0.01, "energy_ramp": 2, "freeze": 4, "nuclear": 1e-3},
+    "lr02-r2-f4": {"lr": 0.02, "energy_ramp": 2, "freeze": 4, "nuclear": 1e-3},
+}
+BASELINE = {"method": "baseline", "epochs": 30, "lr": 0.05}
+SCRATCH = {"method": "trp", "scheme": "spatial", "epochs": 30, "lr": 0.05, "energy_ramp": 8, "freeze": 14,
+           "nuclear": 1e-3, "period": 20}
+
+
+def flags(d: dict[str, Any]) -> list[str]:
+    """``{"energy_ramp": 3}`` as ``["--energy-ramp", "3"]``.
+
+    Example:
+        >>> flags({"energy_ramp": 3, "lr": 0.01})
+        ['--energy-ramp', '3', '--lr', '0.01']
+    """
+    return [x for k, v in d.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def in_use(run: Path) -> bool:
+    """True while another process holds the run's lock (``trp.runs`` takes ``.trp.lock`` with flock)."""
+    try:
+        with open(run / ".trp.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # as trp.runs.check_free probes
+            except OSError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:  # no folder yet
+        return False
+    return False
+
+
+class Skipped(RuntimeError):
+    """A run not started because the benchmark's --deadline had passed."""
+
+
+class Slots:
+    """``n`` job slots handed out by priority (then in order of asking): the critical path runs first."""
+
+    def __init__(self, n: int) -> None:
+        self.free, self.cond, self.waiting, self.count = n, threading.Condition(), [], itertools.count()
+
+    def take(self, priority: int) -> "Slots._Held":
+        return Slots._Held(self, (priority, next(self.count)))
+
+    class _Held:
+        def __init__(self, slots: "Slots", key: tuple[int, int]) -> None:
+            self.slots, self.key = slots, key
+
+        def __enter__(self) -> None:
+            s = self.slots
+            with s.cond:
+                heapq.heappush(s.waiting, self.key)
+                s.cond.wait_for(lambda: s.free > 0 and s.waiting[0] == self.key)
+                heapq.heappop(s.waiting)
+                s.free -= 1
+                s.cond.notify_all()
+
+        def __exit__(self, *exc: Any) -> None:
+            with self.slots.cond:
+                self.slots.free += 1
+                self.slots.cond.notify_all()
+
+
+class Bench:
+    """The runs of one benchmark: where they go, how they are started, what they measured."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.runs = Path(args.runs)
+        self.lock = threading.Lock()
+        self.slots = Slots(args.jobs)
+        self.t0 = time.perf_counter()
+        self.common = ["--model", "resnet20", "--dataset", "cifar10", "--data-dir", args.data_dir,
+                       "--batch-size", "128", "--val-split", str(args.val_split), "--device", "cpu", "--no-progress"]
+
+    def log(self, msg: str) -> None:
+        with self.lock:
+            print(f"[finetune {time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.args.threads), MKL_NUM_THREADS=str(self.args.threads))
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def run_dir(self, seed: int, name: str) -> Path:
+        return self.runs / f"seed{seed}" / name
+
+    @staticmethod
+    def done(run: Path) -> dict | None:
+        """The run's config.json if it finished (its final test recorded), else None."""
+        try:
+            doc = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if doc.get("final_test") and doc["final_test"]["epoch"] == doc["config"]["epochs"] else None
+
+    def sh(self, cmd: list[str], log: Path, what: str, priority: int | None = 5) -> None:
+        """Run one job in a slot (lower ``priority`` first; None: the caller holds one); a failure stops
+        the benchmark with the log's tail."""
+        with self.slots.take(priority) if priority is not None else contextlib.nullcontext():
+            self.log(f"start {what}")
+            t = time.perf_counter()
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "a") as f:
+                f.write("$ " + shlex.join(cmd) + "\n")
+                f.flush()
+                code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=self.env())
+            if code != 0:
+                tail = "".join(log.read_text().splitlines(keepends=True)[-8:])
+                raise RuntimeError(f"{what} failed (exit {code}); {log}:\n{tail}")
+            self.log(f"done {what} in {time.perf_counter() - t:.0f} s")
+
+    def train(self, seed: int, name: str, settings: dict[str, Any], extra: list[str] = (), priority: int = 5) -> dict:
+        """Train one run (or resume it, or reuse it when complete); its config.json with the final test."""
+        run = self.run_dir(seed, name)
+        with self.slots.take(priority):
+            # A run another process is training (started before this benchmark) holds the slot it would take.
+            while in_use(run):
+                time.sleep(10)
+            if (doc := self.done(run)) is not None:
+                return doc
+            if self.args.deadline and time.time() > self.args.deadline:
+                self.log(f"not starting seed {seed} {name}: past the deadline")
+                raise Skipped(f"seed {seed} {name}")
+            resume = (run / "checkpoint.safetensors").is_file()
+            cmd = [sys.executable, "-m", "trp", "train"] + (
+                ["--resume", str(run), "--no-progress"] if resume else
+                [*self.common, *flags(settings), "--seed", str(seed), *extra, "--out", str(run), "--overwrite"])
+            self.sh(cmd, run.parent / f"{name}.log", f"seed {seed} {name}", None)
+        doc = self.done(run)
+        if doc is None:
+            raise RuntimeError(f"{run} did not finish")
+        return doc
+
+    def py(self, code: str, log: Path, what: str, priority: int = 2) -> None:
+        self.sh([sys.executable, "-c", code], log, what, priority)
+
+
+# ------------------------------------------------------------------------------------ the arms
+
+def compress_run(bench: Bench, run: Path, out: Path, rank: str) -> dict:
+    """``trp.compress.compress`` without the per-layer latency check, eager timing only; the report."""
+    if not (out / "report.json").is_file():
+        code = (f"from trp.compress import compress; compress({str(run)!r}, {str(out)!r}, {rank!r}, "
+                f"check_latency=False, overwrite=True, runtimes=['eager'], min_run_time=0.1, log=lambda s: None)")
+        bench.py(code, out.parent / f"{out.name}.log", f"compress {run.name} ({rank})")
+    return json.loads((out / "report.json").read_text())
+
+
+def posthoc_model(bench: Bench, baseline: Path, out: Path, macs: int, seed: int) -> dict:
+    """The baseline decomposed post hoc (BatchNorm kept, for fine-tuning) at ``macs``; saved as a trp model."""
+    info = out / "posthoc.json"
+    if not info.is_file():
+        code = f"""
+import json, trp
+from pathlib import Path
+from trp.saving import load_model, save_model
+model, spec, meta = load_model({str(baseline)!r})
+dense = trp.profile(model, spec.input_shape).macs
+p = trp.plan(model, "spatial", trp.speedup(dense / {macs}), input_shape=spec.input_shape)
+trp.decompose_(model, p)
+Path({str(out)!r}).mkdir(parents=True, exist_ok=True)
+save_model(Path({str(out)!r}) / "model.safetensors", model, spec.then({{"kind": "decompose", "plan": p}}))
+json.dump({{"macs": trp.profile(model, spec.input_shape).macs, "macs_dense": dense,
+           "criterion": "speedup:" + format(dense / {macs}, ".4f")}}, open({str(info)!r}, "w"))
+"""
+        bench.py(code, out.parent / f"{out.name}.log", f"seed {seed} post-hoc decomposition")
+    return json.loads(info.read_text())
+
+
+def distill_flags(args: argparse.Namespace, teacher: Path) -> list[str]:
+    return ["--teacher", str(teacher), "--distill-weight", str(args.distill_weight), "--distill-temperature",
+            str(args.distill_temperature)]
+
+
+def ft_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, Any]:
+    return {"method": "trp", "scheme": "spatial", "epochs": args.ft_epochs, "speedup": args.speedup,
+            "period": 20, **recipe}
+
+
+
+# ------------------------------------------------------------------------------------ the schedule
+
+def run_all(bench: Bench) -> dict[int, dict]:
+    """Every run of every seed as threads waiting on what they need; jobs go through the priority slots."""
+    args = bench.args
+    # Priorities: 0 baselines, 1 tuning, 2 the chosen fine-tuning and its decompositions, 3 post hoc, 4 scratch.
+    pool = ThreadPoolExecutor(max_workers=8 * len(args.seeds) + 8)
+    base = {s: pool.submit(bench.train, s, "baseline", BASELINE, (), 0) for s in args.seeds}
+
+    def teacher(s: int) -> list[str]:
+        base[s].result()
+        return distill_flags(args, bench.run_dir(s, "baseline"))
+
+    def tune(s: int, name: str) -> dict:
+        return bench.train(s, f"tune-{name}", ft_settings(args, FT_RECIPES[name]),
+                           ["--init", str(bench.run_dir(s, "baseline")), *teacher(s)], 1)
+
+    tuned = {(s, n): pool.submit(tune, s, n) for s in args.tune_seeds for n in FT_RECIPES}
+
+    def chosen() -> tuple[str, dict[str, float]]:
+        vals = {n: statistics.mean(tuned[(s, n)].result()["final_test"]["val_acc"] for s in args.tune_seeds)
+                for n in FT_RECIPES}
+        return max(vals, key=lambda n: vals[n]), vals
+
+    def trp_ft(s: int) -> dict:
+        name = chosen()[0]
+        doc = tuned[(s, name)].result() if (s, name) in tuned else bench.train(
+            s, f"tune-{name}", ft_settings(args, FT_RECIPES[name]), ["--init", str(bench.run_dir(s, "baseline")),
+                                                                     *teacher(s)], 2)
+        report = compress_run(bench, bench.run_dir(s, f"tune-{name}"), bench.run_dir(s, f"compressed-{name}"),
+                              args.rank)
+        return {"recipe": name, "doc": doc, "report": report}
+
+    def posthoc(s: int) -> dict:
+        ft = ft_futures[s].result()
+        ph = posthoc_model(bench, bench.run_dir(s, "baseline"), bench.run_dir(s, "posthoc-model"),
+                           ft["report"]["macs_after"], s)
+        doc = bench.train(s, "posthoc-ft", {"method": "baseline", "epochs": args.ft_epochs,
+                                            "lr": FT_RECIPES[ft["recipe"]]["lr"]},
+                          ["--init", str(bench.run_dir(s, "posthoc-model")), *teacher(s)], 3)
+        return {"info": ph, "doc": doc}
+
+    def scratch(s: int) -> dict:
+        # From scratch comes last: every seed's (a) and (b) first (a slot freed by a finished baseline
+        # would otherwise go to a scratch run before the fine-tuning that waits on that baseline asks).
+        for f in ph_futures.values():
+            with contextlib.suppress(Exception):
+                f.result()
+        doc = bench.train(s, "trp-scratch", {**SCRATCH, "speedup": args.scratch_speedup}, teacher(s), 4)
+        report = compress_run(bench, bench.run_dir(s, "trp-scratch"), bench.run_dir(s, "compressed-scratch"), args.rank)
+        return {"doc": doc, "report": report}
+
+    def timing() -> dict | None:
+        """The epoch-time comparison as a job of its own once the recipe is chosen, so it runs before the end."""
+        path = Path(args.out) / "timing.json"
+        if args.timing_rounds and not path.is_file():
+            bench.sh([sys.executable, str(HERE / "finetune.py"), "--timing-only", chosen()[0], "--runs", args.runs,
+                      "--data-dir", args.data_dir, "--out", args.out, "--timing-rounds", str(args.timing_rounds),
+                      "--speedup", str(args.speedup), "--ft-epochs", str(args.ft_epochs), "--val-split",
+                      str(args.val_split), "--distill-weight", str(args.distill_weight), "--distill-temperature",
+                      str(args.distill_temperature)], Path(args.runs) / "timing.log", "epoch timing", 3)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    timing_future = pool.submit(timing)
+    ft_futures = {s: pool.submit(trp_ft, s) for s in args.seeds}
+    ph_futures = {s: pool.submit(posthoc, s) for s in args.seeds}
+    sc_futures = {s: pool.submit(scratch, s) for s in args.seeds} if not args.skip_scratch else {}
+    def got(future: Any) -> Any:
+        try:
+            return future.result() if future is not None else None
+        except Skipped:
+            return None
+
+    out: dict[int, dict] = {}
+    for s in args.seeds:
+        out[s] = {"baseline": base[s].result(), "tune": {n: tuned[(s, n)].result() for n in FT_RECIPES
+                                                         if (s, n) in tuned},
+                  "trp-ft": got(ft_futures[s]), "posthoc-ft": got(ph_futures[s]),
+                  "trp-scratch": got(sc_futures.get(s))}
+    out[-1] = {"chosen": chosen(), "timing": timing_future.result()}
+    pool.shutdown()
+    return out
+
+
+def _compressed(arm: dict, dense: int) -> dict:
+    """A TRP arm's figures: its run's validation accuracy, the decomposed model's test accuracy and MACs."""
+    r = arm["report"]
+    return {"val_acc": arm["doc"]["final_test"]["val_acc"], "test_acc": r["acc_after"],
+            "test_acc_trained": r["acc_before"], "decomposition_change": round(r["acc_after"] - r["acc_before"], 4),
+            "macs": r["macs_after"], "macs_speedup": round(dense / r["macs_after"], 4), "rank": r["rank"],
+            "layers_decomposed": r["layers_decomposed"]}
+
+
+def seed_figures(raw: dict) -> dict:
+    """One seed's measurements from its runs' config.json and compress reports (arms not run are left out)."""
+    base = raw["baseline"]["final_test"]
+    ft, ph, sc = raw["trp-ft"], raw["posthoc-ft"], raw["trp-scratch"]
+    dense = (ft or sc or {"report": {"macs_before": None}})["report"]["macs_before"]
+    fig: dict[str, Any] = {
+        "baseline": {"val_acc": base["val_acc"], "test_acc": base["test_acc"], "macs": dense, "macs_speedup": 1.0},
+        "tune": {n: {"val_acc": d["final_test"]["val_acc"]} for n, d in raw["tune"].items()}}
+    if ft is not None:
+        fig["trp-ft"] = {"recipe": ft["recipe"], **_compressed(ft, dense)}
+    if ph is not None:
+        fig["posthoc-ft"] = {"val_acc": ph["doc"]["final_test"]["val_acc"], "test_acc": ph["doc"]["final_test"]["test_acc"],
+                             "macs": ph["info"]["macs"], "macs_speedup": round(dense / ph["info"]["macs"], 4),
+                             "rank": ph["info"]["criterion"]}
+    if sc is not None:
+        fig["trp-scratch"] = _compressed(sc, dense)
+    return fig
+
+
+# ------------------------------------------------------------------------------------ epoch time
+
+def time_epochs(args: argparse.Namespace, recipe: dict[str, Any], rounds: int) -> dict:
+    """A plain fine-tuning epoch against one with TRP + distillation, one thread, alternating, in this process.
+
+    Both start from seed 0's baseline; the plain one is SGD alone (method baseline, no teacher), the
+    other the chosen recipe's TRP (projection every 20 steps for ``--speedup``, nuclear norm) and the
+    distillation loss with the baseline as teacher. Each round times one epoch of each, the order
+    alternating between rounds so that drifts in machine load fall on both.
+    """
+    import torch
+
+    from trp import methods
+    from trp.config import TrainConfig
+    from trp.data import load
+    from trp.data.split import hold_out
+    from trp.distill import Teacher
+    from trp.loop import Loop, make_optimizer
+    from trp.weights import build_teacher, init_weights_, read_weights
+
+    torch.set_num_threads(1)
+    base = str(Path(args.runs) / "seed0" / "baseline")
+    data = hold_out(load("cifar10", args.data_dir), args.val_split, 0)
+    weights = read_weights(base)
+    loops = {}
+    for kind in ("plain", "trp+distill"):
+        cfg = TrainConfig(dataset="cifar10", data_dir=args.data_dir, init=base, val_split=args.val_split,
+                          **(ft_settings(args, recipe) if kind != "plain" else {"method": "baseline",
+                                                                               "lr": recipe["lr"]}),
+                          **({"teacher": base} if kind != "plain" else {}))
+        model = init_weights_(_resnet20(), weights)
+        method = methods.get(cfg.method)(cfg)
+        model = method.prepare(model, data, data.num_train_batches(128))
+        opt = make_optimizer(model, cfg.lr, 0.9, 1e-4)
+        method.attach(opt)
+        teacher = Teacher(build_teacher(weights, _resnet20, 10, "cpu")) if kind != "plain" else None
+        loops[kind] = Loop(model, opt, data, 128, 0, method, teacher=teacher,
+                           distill=(args.distill_weight, args.distill_temperature))
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    for r in range(rounds):
+        for kind in (("plain", "trp+distill") if r % 2 == 0 else ("trp+distill", "plain")):
+            stats = loops[kind].epoch(r, lambda step: recipe["lr"])
+            times[kind].append(round(stats.seconds, 4))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"threads": 1, "rounds": rounds, "epoch_s": times, "median_s": med,
+            "ratio": round(med["trp+distill"] / med["plain"], 4),
+            "load_average_after": os.getloadavg()}
+
+
+def _resnet20() -> Any:
+    from trp.models import create
+
+    return create("resnet20", num_classes=10, in_channels=3)
+
+
+# ------------------------------------------------------------------------------------ the report
+
+ARMS = ("baseline", "trp-ft", "posthoc-ft", "trp-scratch")
+LABELS = {"baseline": "dense baseline (30 epochs)", "trp-ft": "(a) TRP fine-tuning + distillation, decomposed",
+          "posthoc-ft": "(b) post-hoc SVD + fine-tuning + distillation", "trp-scratch": "(c) TRP from scratch + distillation"}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation, min and max.
+
+    Example:
+        >>> spread([1.0, 3.0])
+        {'mean': 2.0, 'std': 1.4142, 'min': 1.0, 'max': 3.0, 'n': 2}
+    """
+    return {"mean": round(statistics.mean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(per_seed: dict[int, dict]) -> dict:
+    out: dict[str, dict] = {}
+    for arm in ARMS:
+        rows = [f[arm] for f in per_seed.values() if arm in f]
+        if rows:
+            out[arm] = {k: spread([r[k] for r in rows]) for k in ("val_acc", "test_acc", "macs_speedup")}
+            if "decomposition_change" in rows[0]:
+                out[arm]["decomposition_change"] = spread([r["decomposition_change"] for r in rows])
+    return out
+
+
+def targets(summary: dict, timing: dict | None) -> list[dict]:
+    """The targets of issue #16, each checked from the measured means (met, or missed by how much)."""
+    base = summary["baseline"]["test_acc"]["mean"]
+    out = []
+
+    def check(name: str, ok: bool, measured: str, miss: str) -> None:
+        out.append({"target": name, "met": ok, "measured": measured, "missed_by": None if ok else miss})
+
+    if "trp-ft" not in summary:
+        return out
+    ft = summary["trp-ft"]
+    loss = base - ft["test_acc"]["mean"]
+    check("(a) TRP fine-tuning (<= 10 epochs): <= 0.5 pt below the baseline at >= 3.0x fewer MACs",
+          loss <= 0.5 and ft["macs_speedup"]["mean"] >= 3.0,
+          f"{ft['test_acc']['mean']:.2f}% vs {base:.2f}% ({-loss:+.2f} pt) at {ft['macs_speedup']['mean']:.2f}x",
+          f"{max(loss - 0.5, 0):.2f} pt of accuracy, {max(3.0 - ft['macs_speedup']['mean'], 0):.2f}x of speed-up")
+    worst = max(abs(ft["decomposition_change"]["min"]), abs(ft["decomposition_change"]["max"]))
+    check("(a) decomposition changes accuracy by <= 0.1 pt (every seed)", worst <= 0.1,
+          f"largest change {worst:.2f} pt (mean {ft['decomposition_change']['mean']:+.2f})", f"{worst - 0.1:.2f} pt")
+    ph = summary.get("posthoc-ft")
+    gap = ft["test_acc"]["mean"] - ph["test_acc"]["mean"] if ph else float("nan")
+    if ph:
+        check("(a) beats post-hoc SVD + the same fine-tuning and distillation at the same MACs by >= 2 pt", gap >= 2.0,
+              f"{gap:+.2f} pt ({ft['test_acc']['mean']:.2f}% vs {ph['test_acc']['mean']:.2f}%, "
+              f"{ft['macs_speedup']['mean']:.2f}x vs {ph['macs_speedup']['mean']:.2f}x)", f"{2.0 - gap:.2f} pt")
+    if "trp-scratch" in summary:
+        sc = summary["trp-scratch"]
+        loss = base - sc["test_acc"]["mean"]
+        check("(c) from scratch with distillation: <= 0.5 pt below the baseline at >= 2.5x",
+              loss <= 0.5 and sc["macs_speedup"]["mean"] >= 2.5,
+              f"{sc['test_acc']['mean']:.2f}% vs {base:.2f}% ({-loss:+.2f} pt) at {sc['macs_speedup']['mean']:.2f}x",
+              f"{max(loss - 0.5, 0):.2f} pt of accuracy, {max(2.5 - sc['macs_speedup']['mean'], 0):.2f}x of speed-up")
+    if timing:
+        check("fine-tuning epoch with TRP + distillation <= 1.3x a plain epoch", timing["ratio"] <= 1.3,
+              f"{timing['ratio']:.3f}x ({timing['median_s']['trp+distill']:.2f} s vs {timing['median_s']['plain']:.2f} s, "
+              f"median of {timing['rounds']}, 1 thread)", f"{timing['ratio'] - 1.3:.3f}x")
+    return out
+
+
+def markdown(doc: dict) -> str:
+    s, lines = doc["summary"], []
+    lines += [f"# Fine-tuning benchmark `{doc['name']}`", "",
+              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, "
+              f"torch {doc['machine']['torch']}; every training run one thread ({doc['settings']['jobs']} at a time); "
+              f"wall time {doc['wall_s'] / 60:.0f} min.", "",
+              "ResNet-20 on cifar10-mini: a class-balanced 10 % of the 4,085 training images held out for validation "
+              "(every choice below was made on it); the 1,000 test images evaluated once per final model. "
+              f"Seeds {', '.join(map(str, doc['settings']['seeds']))}; mean ± sample standard deviation [min, max].", "",
+              "| method | val acc (%) | test acc (%) | Δ test vs baseline (pt) | MACs speed-up |", "|---|---:|---:|---:|---:|"]
+    base = s["baseline"]["test_acc"]["mean"]
+    for arm in ARMS:
+        if arm not in s:
+            continue
+        v, t, m = s[arm]["val_acc"], s[arm]["test_acc"], s[arm]["macs_speedup"]
+        lines.append(f"| {LABELS[arm]} | {v['mean']:.2f} ± {v['std']:.2f} | {t['mean']:.2f} ± {t['std']:.2f} "
+                     f"[{t['min']:.1f}, {t['max']:.1f}] | {t['mean'] - base:+.2f} | {m['mean']:.2f}x |")
+    lines += ["", "## Per seed", "", "| seed | method | val acc (%) | test acc (%) | MACs speed-up | note |",
+              "|---|---|---:|---:|---:|---|"]
+    for seed, f in doc["per_seed"].items():
+        for arm in ARMS:
+            if arm in f:
+                r = f[arm]
+                note = (f"recipe {r['recipe']}; trained {r['test_acc_trained']:.2f}%, decomposition "
+                        f"{r['decomposition_change']:+.2f} pt" if arm == "trp-ft" else
+                        f"trained {r['test_acc_trained']:.2f}%, decomposition {r['decomposition_change']:+.2f} pt"
+                        if arm == "trp-scratch" else r.get("rank", ""))
+                lines.append(f"| {seed} | {arm} | {r['val_acc']:.2f} | {r['test_acc']:.2f} | {r['macs_speedup']:.2f}x "
+                             f"| {note} |")
+    lines += ["", "## Choices made on the validation split", ""]
+    chosen, vals = doc["chosen"]
+    for name, recipe in FT_RECIPES.items():
+        lines.append(f"- `{name}` {json.dumps(recipe)}: mean val acc {vals[name]:.2f}% "
+                     f"(seeds {', '.join(map(str, doc['settings']['tune_seeds']))})" + ("  **chosen**" if name == chosen else ""))
+    lines += ["", "## Targets (issue #16)", ""]
+    for t in doc["targets"]:
+        lines.append(f"- **{'met' if t['met'] else 'missed'}**: {t['target']} — {t['measured']}"
+                     + ("" if t["met"] else f"; missed by {t['missed_by']}"))
+    if doc.get("timing"):
+        tm = doc["timing"]
+        lines += ["", "## Epoch time", "", f"One fine-tuning epoch, 1 thread, {tm['rounds']} rounds alternating: plain "
+                  f"{tm['epoch_s']['plain']} s, TRP + distillation {tm['epoch_s']['trp+distill']} s; ratio of medians "
+                  f"{tm['ratio']:.3f}. Load average after timing: {', '.join(f'{x:.2f}' for x in tm['load_average_after'])} "
+                  "(the machine was shared with other jobs)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--tune-seeds", default="0", help="seeds the fine-tuning recipes are compared on (validation)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="threads per training process")
+    p.add_argument("--data-dir", default=DEFAULT_DATA)
+    p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--ft-epochs", type=int, default=6, help="fine-tuning epochs of (a) and (b) (the issue allows <= 10)")
+    p.add_argument("--speedup", type=float, default=3.0)
+    p.add_argument("--scratch-speedup", type=float, default=2.55)
+    p.add_argument("--distill-weight", type=float, default=0.5)
+    p.add_argument("--distill-temperature", type=float, default=4.0)
+    p.add_argument("--rank", default="value:0.05", help="compress's rank criterion for the TRP networks")
+    p.add_argument("--timing-rounds", type=int, default=2)
+    p.add_argument("--timing-only", metavar="RECIPE", help="only time the epochs of RECIPE (a job of the benchmark)")
+    p.add_argument("--skip-scratch", action="store_true")
+    p.add_argument("--deadline", help="UTC time HH:MM after which no new training run starts (those left are "
+                   "reported as not run)")
+    p.add_argument("--base-epochs", type=int, default=30, help="baseline and from-scratch epochs (30; less for a smoke test)")
+    p.add_argument("--runs", default="runs/finetune")
+    p.add_argument("--out", default="benchmarks/results/finetune-r20-c10mini")
+    args = p.parse_args(argv)
+    args.seeds = [int(x) for x in args.seeds.split(",")]
+    args.tune_seeds = [int(x) for x in args.tune_seeds.split(",")]
+    if args.deadline:
+        import datetime as dt
+
+        hh, mm = (int(x) for x in args.deadline.split(":"))
+        now = dt.datetime.now(dt.timezone.utc)
+        args.deadline_text, args.deadline = args.deadline, now.replace(hour=hh, minute=mm, second=0).timestamp()
+    os.chdir(REPO)
+    if args.timing_only:
+        timing = time_epochs(args, FT_RECIPES[args.timing_only], args.timing_rounds)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "timing.json").write_text(json.dumps(timing, indent=1))
+        return 0
+    BASELINE["epochs"] = SCRATCH["epochs"] = args.base_epochs
+    bench = Bench(args)
+    raw = run_all(bench)
+    extra = raw.pop(-1)
+    chosen, timing = extra["chosen"], extra["timing"]
+    per_seed = {s: seed_figures(r) for s, r in raw.items()}
+    summary = summarize(per_seed)
+    import torch
+
+    doc = {"name": Path(args.out).name, "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
+           "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+                       "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_run": args.threads},
+           "settings": {k: v for k, v in vars(args).items()}, "recipes": FT_RECIPES, "baseline_recipe": BASELINE,
+           "scratch_recipe": SCRATCH, "chosen": chosen, "per_seed": per_seed, "summary": summary, "timing": timing,
+           "wall_s": round(time.perf_counter() - bench.t0, 1)}
+    doc["targets"] = targets(summary, timing)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    (out / "results.md").write_text(markdown(doc))
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
