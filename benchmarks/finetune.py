@@ -445,12 +445,13 @@ def targets(summary: dict, timing: dict | None) -> list[dict]:
 
     if "trp-ft" not in summary:
         return out
+    def near_baseline(name: str, entry: dict, speedup: float) -> None:  # <= 0.5 pt below at >= `speedup`x MACs
+        loss, s = base - entry["test_acc"]["mean"], entry["macs_speedup"]["mean"]
+        check(name, loss <= 0.5 and s >= speedup, f"{entry['test_acc']['mean']:.2f}% vs {base:.2f}% ({-loss:+.2f} pt) "
+              f"at {s:.2f}x", f"{max(loss - 0.5, 0):.2f} pt of accuracy, {max(speedup - s, 0):.2f}x of speed-up")
+
     ft = summary["trp-ft"]
-    loss = base - ft["test_acc"]["mean"]
-    check("(a) TRP fine-tuning (<= 10 epochs): <= 0.5 pt below the baseline at >= 3.0x fewer MACs",
-          loss <= 0.5 and ft["macs_speedup"]["mean"] >= 3.0,
-          f"{ft['test_acc']['mean']:.2f}% vs {base:.2f}% ({-loss:+.2f} pt) at {ft['macs_speedup']['mean']:.2f}x",
-          f"{max(loss - 0.5, 0):.2f} pt of accuracy, {max(3.0 - ft['macs_speedup']['mean'], 0):.2f}x of speed-up")
+    near_baseline("(a) TRP fine-tuning (<= 10 epochs): <= 0.5 pt below the baseline at >= 3.0x fewer MACs", ft, 3.0)
     worst = max(abs(ft["decomposition_change"]["min"]), abs(ft["decomposition_change"]["max"]))
     check("(a) decomposition changes accuracy by <= 0.1 pt (every seed)", worst <= 0.1,
           f"largest change {worst:.2f} pt (mean {ft['decomposition_change']['mean']:+.2f})", f"{worst - 0.1:.2f} pt")
@@ -461,12 +462,8 @@ def targets(summary: dict, timing: dict | None) -> list[dict]:
               f"{gap:+.2f} pt ({ft['test_acc']['mean']:.2f}% vs {ph['test_acc']['mean']:.2f}%, "
               f"{ft['macs_speedup']['mean']:.2f}x vs {ph['macs_speedup']['mean']:.2f}x)", f"{2.0 - gap:.2f} pt")
     if "trp-scratch" in summary:
-        sc = summary["trp-scratch"]
-        loss = base - sc["test_acc"]["mean"]
-        check("(c) from scratch with distillation: <= 0.5 pt below the baseline at >= 2.5x",
-              loss <= 0.5 and sc["macs_speedup"]["mean"] >= 2.5,
-              f"{sc['test_acc']['mean']:.2f}% vs {base:.2f}% ({-loss:+.2f} pt) at {sc['macs_speedup']['mean']:.2f}x",
-              f"{max(loss - 0.5, 0):.2f} pt of accuracy, {max(2.5 - sc['macs_speedup']['mean'], 0):.2f}x of speed-up")
+        near_baseline("(c) from scratch with distillation: <= 0.5 pt below the baseline at >= 2.5x",
+                      summary["trp-scratch"], 2.5)
     if timing:
         check("fine-tuning epoch with TRP + distillation <= 1.3x a plain epoch", timing["ratio"] <= 1.3,
               f"{timing['ratio']:.3f}x ({timing['median_s']['trp+distill']:.2f} s vs {timing['median_s']['plain']:.2f} s, "

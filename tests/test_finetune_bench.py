@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import finetune as ft  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the repository root, never benchmarks/ itself (its modules would shadow packages)
+    sys.path.insert(0, str(ROOT))
+from benchmarks import finetune as ft  # noqa: E402
 
 
 def _seed(base: float, tuned: float, posthoc: float, change: float = 0.0, speedup: float = 3.1) -> dict:

@@ -1,4 +1,4 @@
-"""The transformer benchmark (benchmarks/transformers.py) on tiny sizes: data split, TRP's reach,
+"""The transformer benchmark (benchmarks/run_transformers.py) on tiny sizes: data split, TRP's reach,
 exact decomposition, and the results document of a quick run."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import trp
-from benchmarks import transformers as bench
+from benchmarks import run_transformers as bench
 from benchmarks.textdata import load_corpus, split_files, stdlib_files
 from benchmarks.transformer_methods import linear_filter
 from benchmarks.transformer_report import REQUIRED_KEYS

@@ -274,7 +274,8 @@ def _compress(args: argparse.Namespace) -> int:
     report = compress(args.run, args.out, args.rank, args.scheme, args.finetune, args.finetune_lr, args.data_dir,
                       args.latency_batch, not args.no_latency_check, args.overwrite, trust=args.trust,
                       runtimes=runtimes.parse_list(args.runtimes), layer_runtime=args.layer_runtime,
-                      compile_timeout=args.compile_timeout)
+                      compile_timeout=args.compile_timeout,
+                      log=(lambda line: print(line, file=sys.stderr)) if args.json else print)  # stdout: the JSON alone
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -2,11 +2,11 @@
 """Transformers trained with TRP on real data, offline: a small ViT on CIFAR-10 and a character GPT
 on the Python standard library's own source, against post-hoc SVD ± fine-tuning at the same MACs.
 
-    python benchmarks/transformers.py --tasks vit --seeds 0,1,2 --phase train     # one process per task
-    python benchmarks/transformers.py --tasks gpt --seeds 0,1,2 --phase train
-    python benchmarks/transformers.py --tasks vit,gpt --phase latency             # alone on the machine
-    python benchmarks/transformers.py --tasks vit,gpt --phase report              # results.md
-    python benchmarks/transformers.py --quick --out /tmp/tq --runs-dir /tmp/tq/runs   # tiny, < 30 s
+    python benchmarks/run_transformers.py --tasks vit --seeds 0,1,2 --phase train     # one process per task
+    python benchmarks/run_transformers.py --tasks gpt --seeds 0,1,2 --phase train
+    python benchmarks/run_transformers.py --tasks vit,gpt --phase latency             # alone on the machine
+    python benchmarks/run_transformers.py --tasks vit,gpt --phase report              # results.md
+    python benchmarks/run_transformers.py --quick --out /tmp/tq --runs-dir /tmp/tq/runs   # tiny, < 30 s
 
 Phases: ``train`` runs every method for every seed (:func:`benchmarks.transformer_methods.run_seed`)
 and writes ``<out>/<task>.json`` after each seed; the first seed's models are saved with
@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # run as `python benchmarks/transformers.py` from an uninstalled checkout
+if str(HERE.parent) not in sys.path:  # run as `python benchmarks/run_transformers.py` from an uninstalled checkout
     sys.path.insert(0, str(HERE.parent))
 
 import trp  # noqa: E402
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.command = "python benchmarks/transformers.py " + shlex.join(argv)
+    args.command = "python benchmarks/run_transformers.py " + shlex.join(argv)
     args.out_given, args.runs_dir_given = args.out, args.runs_dir
     args.out = Path(args.out or HERE / "results" / "transformers").resolve()
     args.runs_dir = Path(args.runs_dir or REPO / "runs" / "transformers").resolve()
