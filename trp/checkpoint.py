@@ -32,7 +32,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -180,8 +180,9 @@ def is_trp_file(path: str | Path) -> bool:
         return False
 
 
-def find_file(path: str | Path) -> Path:
-    """The trp file a path names: the path itself, or a folder's model file (else its checkpoint).
+def find_file(path: str | Path, names: Sequence[str] = (MODEL_FILE, CHECKPOINT_FILE)) -> Path:
+    """The trp file a path names: the path itself, or a folder's first file of ``names`` (by default its
+    model file, else its checkpoint).
 
     Example:
         >>> import tempfile, os
@@ -192,10 +193,10 @@ def find_file(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        for name in (MODEL_FILE, CHECKPOINT_FILE):
+        for name in names:
             if (path / name).is_file():
                 return path / name
-        raise TRPError(f"{path} holds no {MODEL_FILE} or {CHECKPOINT_FILE}")
+        raise TRPError(f"{path} holds no {' or '.join(names)}")
     if not path.exists():
         raise TRPError(f"no such file or folder: {path}")
     return path

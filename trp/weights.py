@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from trp.bn import fold_bn_
-from trp.checkpoint import (CHECKPOINT_FILE, MODEL_FILE, MODEL_PREFIX, check_finite, check_state, is_trp_file,
-                            read_safetensors, strip_prefix)
+from trp.checkpoint import (CHECKPOINT_FILE, MODEL_FILE, MODEL_PREFIX, check_finite, check_state, find_file,
+                            is_trp_file, read_safetensors, strip_prefix)
 from trp.errors import TRPError
 from trp.structure import ModelSpec, build_model
 
@@ -78,14 +78,9 @@ class Weights:
 
 def _file_of(source: str | Path) -> Path:
     path = Path(source).expanduser()
-    if path.is_dir():
-        for name in (CHECKPOINT_FILE, MODEL_FILE):  # a run's checkpoint holds its latest state
-            if (path / name).is_file():
-                return path / name
-        raise TRPError(f"{path} holds neither {CHECKPOINT_FILE} (a trp run) nor {MODEL_FILE} (a trp model)")
-    if not path.is_file():
+    if not path.exists():
         raise TRPError(f"no such weights file or folder: {path}")
-    return path
+    return find_file(path, (CHECKPOINT_FILE, MODEL_FILE))  # a run's checkpoint holds its latest state
 
 
 def _state_dict(obj: Any, file: Path) -> dict[str, Tensor]:
