@@ -39,7 +39,7 @@ from benchmarks.common import Log  # noqa: E402
 from benchmarks.reporting import machine_info  # noqa: E402
 from benchmarks.targets import resnet50_latency  # noqa: E402
 from trp import runtimes as rt  # noqa: E402
-from trp.bench import load_source  # noqa: E402
+from trp.bench import interleaved, load_source  # noqa: E402
 from trp.compress import LAYER_EXCLUDED, speedups  # noqa: E402
 from trp.decompose import decompose_  # noqa: E402
 from trp.errors import TRPError  # noqa: E402
@@ -90,24 +90,6 @@ def _batches(text: str) -> list[int]:
         raise TRPError(f"--batches must be comma-separated whole numbers, got {text!r}") from None
 
 
-def _interleaved(models: dict, shape: list[int], batches: list[int], rounds: int, opts: dict,
-                 log: Callable[[str], None]) -> list[rt.Timings]:
-    """Every model in every runtime, ``rounds`` times in alternating order, per runtime and batch the fastest."""
-    best: dict[str, rt.Timings] = {}
-    keys = list(models)
-    for r in range(rounds):
-        for key in keys if r % 2 == 0 else keys[::-1]:
-            log(f"round {r + 1}/{rounds}: the {key} model")
-            t = rt.measure_all(models[key], shape, batches, **opts)
-            if key not in best:
-                best[key] = t
-                continue
-            for name, by_b in t.items():
-                for b, ms in by_b.items():
-                    best[key].setdefault(name, {})[b] = min(ms, best[key].get(name, {}).get(b, float("inf")))
-    return [best[key] for key in keys]
-
-
 def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> dict:
     """The whole measurement; returns the results document (also written to ``--out``)."""
     t0 = time.perf_counter()
@@ -137,7 +119,8 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None]) -> d
     predicted = table.predict(ranks)
     decompose_(model, p)
     after = profile(model, shape)
-    dense_t, low_t = _interleaved({"dense": dense, "compressed": model}, shape, batches, args.rounds, opts, log)
+    timed = interleaved({"dense": dense, "compressed": model}, shape, args.rounds, batch_sizes=batches, **opts)
+    dense_t, low_t = timed["dense"], timed["compressed"]
     measured = low_t.get(layer_rt, {}).get(args.latency_batch)
     doc = {
         "kind": "resnet50-latency", "command": command, "model": args.model, "input_shape": shape,

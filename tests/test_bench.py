@@ -49,6 +49,29 @@ def test_bench_of_a_source_against_another_states_best_against_best(scripted: li
     assert summary(r).startswith("batch 1: eager 0.625 ms (1.20x the dense model in its own fastest runtime)")
 
 
+def test_interleaved_rounds_alternate_the_order_and_keep_each_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds run a, b then b, a; each model keeps per runtime its fastest round, so a slow spell falls on both."""
+    from trp import bench as bench_mod
+
+    order: list[str] = []
+    script = {"a": iter([5.0, 3.0, 4.0, 6.0, 8.0]), "b": iter([9.0, 10.0, 7.0, 12.0, 11.0])}  # per model, its times in call order
+
+    def fake(model, shape, batch_sizes=(1,), runtimes=None, threads=None, min_run_time=0.3,  # type: ignore[no-untyped-def]
+             compile_timeout=120.0, log=None):
+        key = "a" if model.out_features == 2 else "b"
+        order.append(key)
+        return rt.Timings({"eager": {1: next(script[key])}}, threads=1, input_shape=shape)
+
+    monkeypatch.setattr(bench_mod, "bench_model", fake)
+    t = bench_mod.interleaved({"a": nn.Linear(4, 2), "b": nn.Linear(4, 3)}, (4,), 3)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert (t["a"]["eager"][1], t["b"]["eager"][1]) == (3.0, 7.0)
+    r = bench(nn.Linear(4, 2), (4,), (1,), ("eager",), against=nn.Linear(4, 3), rounds=2, log=lambda s: None)
+    assert r["rounds"] == 2 and r["best_speedup_b1"] == pytest.approx(11.0 / 6.0, abs=1e-4)  # a: 6 then 8, b: 12 then 11
+    with pytest.raises(TRPError, match="timing rounds"):
+        bench_mod.interleaved({"a": nn.Linear(4, 2)}, (4,), 0)
+
+
 def test_bench_reads_a_model_folder_with_its_input_shape(scripted: list, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A saved model is rebuilt from its folder and timed at its recorded input shape."""
     save_model(tmp_path / "m" / "model.safetensors", create("resnet20", in_channels=1), ModelSpec("resnet20", 10, 1, [1, 8, 8]))

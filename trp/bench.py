@@ -7,6 +7,9 @@ downloaded). It is timed as it would be deployed: eval mode, BatchNorm folded in
 (:func:`trp.runtimes.measure_all`). With ``against`` (a dense folder or source, e.g. the run a
 compressed model came from) the same is measured for it, and the speed-ups are stated per runtime
 and best against best: the dense model in *its* fastest runtime over this one in *its* fastest.
+With ``rounds`` > 1 the two models are timed in turn (:func:`interleaved`), the order alternating,
+each keeping per runtime and batch its fastest round, so that a change of the machine's load between
+the first and the last measurement does not pass for a speed-up.
 
 Example:
     >>> r = bench("resnet20", batch_sizes=(1,), runtimes=("eager",), min_run_time=0.01, log=lambda s: None)
@@ -19,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -32,7 +35,7 @@ from trp.saving import load_model
 from trp.tracing import sample_shape
 from trp.validate import boolean, number, whole
 
-__all__ = ["parse_ints", "load_source", "bench_model", "bench", "summary", "report_text"]
+__all__ = ["parse_ints", "load_source", "bench_model", "interleaved", "bench", "summary", "report_text"]
 
 
 def parse_ints(text: str | None, what: str) -> list[int] | None:
@@ -92,6 +95,33 @@ def bench_model(model: nn.Module, input_shape: Sequence[int], batch_sizes: Seque
     return t
 
 
+def interleaved(models: Mapping[str, nn.Module], input_shape: Sequence[int], rounds: int = 3,
+                log: Callable[[str], None] | None = None, **opts: Any) -> dict[str, rt.Timings]:
+    """Every model in every runtime (:func:`bench_model` with ``opts``), ``rounds`` times in
+    alternating order (forward, backward, ...); per model, runtime and batch the fastest round.
+
+    Example:
+        >>> t = interleaved({"a": nn.Linear(4, 4), "b": nn.Linear(4, 2)}, (4,), 2, batch_sizes=(1,),
+        ...                 runtimes=("eager",), min_run_time=0.01)
+        >>> sorted(t), list(t["a"]), t["b"].threads > 0
+        (['a', 'b'], ['eager'], True)
+    """
+    rounds = whole(rounds, "timing rounds", low=1)
+    keys, best = list(models), {}
+    for r in range(rounds):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            if log is not None:
+                log(f"round {r + 1}/{rounds}: {key}")
+            t = bench_model(models[key], input_shape, log=log, **opts)
+            if key not in best:
+                best[key] = t
+                continue
+            for name, by_batch in t.items():
+                for b, ms in by_batch.items():
+                    best[key].setdefault(name, {})[b] = min(ms, best[key].get(name, {}).get(b, float("inf")))
+    return {key: best[key] for key in keys}
+
+
 def _bests(t: rt.Timings, batches: Sequence[int], prefix: str = "") -> dict:
     out: dict[str, Any] = {}
     for b in batches:
@@ -105,7 +135,7 @@ def bench(source: str | os.PathLike | nn.Module, input_shape: Sequence[int] | No
           min_run_time: float = 0.3, compile_timeout: float = rt.COMPILE_TIMEOUT,
           against: str | os.PathLike | nn.Module | None = None, out: str | os.PathLike | None = None,
           overwrite: bool = False, model_kwargs: dict | None = None, trust: bool = False,
-          log: Callable[[str], None] = print) -> dict:
+          log: Callable[[str], None] = print, rounds: int = 1) -> dict:
     """Time a model in every runtime; print the table (with speed-ups over ``against``); return the record.
 
     Args:
@@ -122,6 +152,8 @@ def bench(source: str | os.PathLike | nn.Module, input_shape: Sequence[int] | No
         model_kwargs: Keyword arguments of a model source (for ``source`` and ``against``).
         trust: Accept model files without trp's checksum.
         log: Where the table and progress lines go.
+        rounds: With ``against``, timing rounds of the two models in alternating order, each keeping
+            per runtime and batch its fastest (:func:`interleaved`).
 
     Returns:
         ``{"source", "input_shape", "threads", "timings", "best_runtime_bN", "best_ms_bN", ...}``;
@@ -142,18 +174,24 @@ def bench(source: str | os.PathLike | nn.Module, input_shape: Sequence[int] | No
     model, shape, name = load_source(source, input_shape, model_kwargs, trust)
     opts = dict(batch_sizes=batches, runtimes=runtimes, threads=threads, min_run_time=min_run_time,
                 compile_timeout=compile_timeout, log=lambda line: log("  " + line))
-    log(f"timing {name} at input {shape}, batch {', '.join(map(str, batches))}")
-    t = bench_model(model, shape, **opts)
-    record: dict[str, Any] = {"source": name, "input_shape": shape, "threads": t.threads,
-                              "timings": t.to_dict(), **_bests(t, batches)}
-    base = None
+    rounds = whole(rounds, "timing rounds", low=1)
+    dense = None
     if against is not None:
         dense, dense_shape, dense_name = load_source(against, shape, model_kwargs, trust)
         if list(dense_shape) != list(shape):
             raise TRPError(f"against {dense_name} takes input {dense_shape}, the model {shape}")
-        log(f"timing {dense_name} (against)")
-        base = bench_model(dense, shape, **opts)
-        record.update({"against": dense_name, "against_timings": base.to_dict(), **_bests(base, batches, "dense_")})
+    log(f"timing {name} at input {shape}, batch {', '.join(map(str, batches))}"
+        + (f", against {dense_name}, {rounds} interleaved round(s)" if dense is not None else ""))
+    if dense is None:
+        t, base = bench_model(model, shape, **opts), None
+    else:
+        timed = interleaved({"model": model, "against": dense}, shape, rounds, **opts)
+        t, base = timed["model"], timed["against"]
+    record: dict[str, Any] = {"source": name, "input_shape": shape, "threads": t.threads,
+                              "timings": t.to_dict(), **_bests(t, batches)}
+    if base is not None:
+        record.update({"against": dense_name, "against_timings": base.to_dict(), "rounds": rounds,
+                       **_bests(base, batches, "dense_")})
         for b in batches:
             d, c = record[f"dense_best_ms_b{b}"], record[f"best_ms_b{b}"]
             record[f"best_speedup_b{b}"] = round(d / c, 4) if d is not None and c is not None else None

@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runtimes", help=f"a list of {', '.join(runtimes.names())}, or all (default: all available)")
     b.add_argument("--threads", type=WHOLE)
     b.add_argument("--min-run-time", type=NUMBER, default=0.3, metavar="SECONDS")
+    b.add_argument("--rounds", type=WHOLE, default=1, help="with --against: timing rounds of the two models in "
+                   "alternating order, each keeping its fastest (default 1)")
     b.add_argument("--compile-timeout", type=NUMBER, default=runtimes.COMPILE_TIMEOUT, metavar="SECONDS")
     b.add_argument("--model-kwargs", help="a model source's keyword arguments as a JSON object")
     b.add_argument("--out", help="a JSON file for the record")
@@ -322,7 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
     record = bench(args.model, parse_ints(args.input_shape, "input shape"),
                    parse_ints(args.batch_sizes, "batch sizes") or (1, 128), runtimes.parse_list(args.runtimes),
                    args.threads, args.min_run_time, args.compile_timeout, args.against, args.out, args.overwrite,
-                   kwargs, args.trust, log=(lambda line: None) if args.json else print)
+                   kwargs, args.trust, log=(lambda line: None) if args.json else print, rounds=args.rounds)
     print(json.dumps(record, indent=1) if args.json else summary(record))
     return 0
 
