@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,67 +54,11 @@ from trp.latency_budget import Allocation, allocate
 from trp.latency_model import LatencyTable, Target, latency_model
 from trp.plan import rank_costs
 from trp.rank import BudgetLayer, energy_rank, rank_one_speedup, solve_budget
+from trp.schedule import Ramp, Schedule, checked_schedule, ramp
 from trp.surgery import FilterFn, default_filter, unwrap
 from trp.validate import boolean, choice, number, whole
 
 __all__ = ["TRP", "Attachment", "Ramp", "ramp", "Schedule"]
-
-#: A constant, or a schedule ``step -> value`` (a :class:`Ramp`, or any callable).
-Schedule = Union[float, Callable[[int], float]]
-
-
-@dataclass(frozen=True)
-class Ramp:
-    """A linear schedule from ``start`` to ``end`` over ``steps`` steps, then ``end`` for good.
-
-    Being an object rather than a closure, it knows where it ends: TRP checks a speed-up target
-    against the model's reach once, at the start, from :attr:`end`.
-
-    Example:
-        >>> r = Ramp(2.0, 4)
-        >>> r(0), r(2), r(4), r.end
-        (1.0, 1.5, 2.0, 2.0)
-    """
-
-    end: float
-    steps: int
-    start: float = 1.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "end", number(self.end, "ramp end"))
-        object.__setattr__(self, "steps", whole(self.steps, "ramp length", low=0))
-        object.__setattr__(self, "start", number(self.start, "ramp start"))
-
-    def __call__(self, step: int) -> float:
-        if self.steps == 0 or step >= self.steps:
-            return self.end
-        return self.start + (self.end - self.start) * step / self.steps
-
-
-def ramp(end: float, steps: int, start: float = 1.0) -> Ramp:
-    """Energy or speed-up schedule: linear from ``start`` (1.0: dense) to ``end`` over ``steps`` steps.
-
-    On short schedules a constant e = 0.9 projected every 20 steps costs accuracy before the
-    network has learned anything worth keeping; ramping lets early training run nearly dense.
-    The same schedule serves ``speedup``: from 1× (no truncation) up to the target.
-
-    Example:
-        >>> f = ramp(0.9, 100)
-        >>> f(0), round(f(50), 3), f(100), f(1000)
-        (1.0, 0.95, 0.9, 0.9)
-    """
-    return Ramp(end, steps, start)
-
-
-def _schedule(value: Any, what: str, **bounds: Any) -> Schedule:
-    """A constant checked now; a schedule's ``end`` (if it states one) checked now, the rest at use."""
-    if callable(value):
-        end = getattr(value, "end", None)
-        if end is not None:
-            number(end, f"{what} at the end of its schedule", **bounds)
-        return value
-    return number(value, what, **bounds)
-
 
 @dataclass
 class _Layer:
@@ -251,12 +195,12 @@ class TRP:
         names = _scheme_names(scheme)
         self.scheme: str | tuple[str, ...] = names[0] if len(names) == 1 else names
         self._names = names
-        self.energy = _schedule(energy, "energy", low=0.0, high=1.0, low_open=True)
+        self.energy = checked_schedule(energy, "energy", low=0.0, high=1.0, low_open=True)
         self.period = whole(period, "period", low=1)
         self.nuclear = number(nuclear, "nuclear weight", low=0.0)
         self.project = boolean(project, "project")
-        self.speedup = None if speedup is None else _schedule(speedup, "speedup", low=1.0)
-        self.latency = None if latency is None else _schedule(latency, "latency speed-up", low=1.0)
+        self.speedup = None if speedup is None else checked_schedule(speedup, "speedup", low=1.0)
+        self.latency = None if latency is None else checked_schedule(latency, "latency speed-up", low=1.0)
         if self.speedup is not None and self.latency is not None:
             raise TRPError("give speedup (MACs) or latency (measured time), not both")
         if latency_target is not None and not isinstance(latency_target, Target):
