@@ -58,6 +58,10 @@ DEFAULT_DATA = "../shared/data/cifar10-mini"
 FT_RECIPES: dict[str, dict[str, Any]] = {
     "lr01-r2-f4": {"lr": 0.01, "energy_ramp": 2, "freeze": 4, "nuclear": 1e-3},
     "lr02-r2-f4": {"lr": 0.02, "energy_ramp": 2, "freeze": 4, "nuclear": 1e-3},
+    # Added for 10 epochs: a gentler ramp, a stronger nuclear pull while it runs, and the ranks fixed at once.
+    "lr02-r5-f7": {"lr": 0.02, "energy_ramp": 5, "freeze": 7, "nuclear": 1e-3},
+    "lr02-r5-f7-n1e-2": {"lr": 0.02, "energy_ramp": 5, "freeze": 7, "nuclear": 1e-2},
+    "lr02-r0-f1": {"lr": 0.02, "energy_ramp": 0, "freeze": 1, "nuclear": 1e-3},
 }
 BASELINE = {"method": "baseline", "epochs": 30, "lr": 0.05}
 SCRATCH = {"method": "trp", "scheme": "spatial", "epochs": 30, "lr": 0.05, "energy_ramp": 8, "freeze": 14,
@@ -526,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per training process")
     p.add_argument("--data-dir", default=DEFAULT_DATA)
     p.add_argument("--val-split", type=float, default=0.1)
-    p.add_argument("--ft-epochs", type=int, default=6, help="fine-tuning epochs of (a) and (b) (the issue allows <= 10)")
+    p.add_argument("--ft-epochs", type=int, default=10, help="fine-tuning epochs of (a) and (b) (the issue allows <= 10)")
     p.add_argument("--speedup", type=float, default=3.0)
     p.add_argument("--scratch-speedup", type=float, default=2.55)
     p.add_argument("--distill-weight", type=float, default=0.5)
