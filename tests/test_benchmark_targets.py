@@ -318,6 +318,12 @@ def test_committed_results_are_portable_and_consistent(folder):
     elif "methods" in doc:  # benchmarks/run.py
         assert T.check_targets(T.Context.from_doc(doc)) == doc["targets"]
         assert markdown(doc) == (base / "results.md").read_text()
+    elif doc.get("kind") == "r20-latency":  # benchmarks/r20_latency.py
+        from benchmarks import r20_latency
+
+        assert r20_latency.summarize(doc["per_seed"]) == doc["summary"]
+        assert r20_latency.targets(doc["summary"]) == doc["targets"]
+        assert r20_latency.markdown(doc) == (base / "results.md").read_text()
     elif "per_seed" in doc:  # benchmarks/finetune.py
         assert finetune.targets(doc["summary"], doc["timing"]) == doc["targets"]
     else:  # benchmarks/run_transformers.py: tasks with their per-seed results (checked in test_transformer_bench.py)
