@@ -37,7 +37,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import finetune  # noqa: E402
-from benchmarks.targets import T_BEST_ACC, T_BEST_B1, T_BEST_B128, T_BEST_RATIO  # noqa: E402
+from benchmarks.targets import T_BEST_ACC, T_BEST_B1, T_BEST_B128, T_BEST_RATIO, best_runtime_shortfalls  # noqa: E402
 
 __all__ = ["arm_name", "settings", "seed_entry", "summarize", "targets", "markdown", "main"]
 
@@ -95,9 +95,7 @@ def targets(summary: dict[str, dict]) -> list[dict]:
     out = []
     for sch, f in summary.items():
         loss, b128, b1 = -f["delta_vs_baseline"]["mean"], f["best_speedup_b128"]["mean"], f["best_speedup_b1"]["mean"]
-        short = [f"{T_BEST_B128 - b128:.2f}x at batch 128"] if b128 < T_BEST_B128 else []
-        short += [f"{T_BEST_B1 - b1:.2f}x at batch 1"] if b1 < T_BEST_B1 else []
-        short += [f"{loss - T_BEST_ACC:.2f} pt of accuracy"] if loss > T_BEST_ACC else []
+        short = best_runtime_shortfalls(b128, b1, loss)
         out.append({"id": 6, "scheme": sch, "met": not short, "missed_by": " and ".join(short) or None,
                     "target": f"within {T_BEST_ACC} pt of the baseline, >= {T_BEST_B128}x at batch 128 and >= "
                               f"{T_BEST_B1}x at batch 1, each model in its best runtime",

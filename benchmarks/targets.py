@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 
 from benchmarks.common import TRP_METHODS, entry, fmt
 
-__all__ = ["T_SPEEDUP", "T_ACC_LOSS", "T_DECOMP", "T_POSTHOC_GAP", "T_EPOCH", "T_LATENCY", "Context", "TARGETS",
+__all__ = ["T_SPEEDUP", "T_ACC_LOSS", "T_DECOMP", "T_POSTHOC_GAP", "T_EPOCH", "T_LATENCY", "Context", "TARGETS", "best_runtime_shortfalls",
            "check_targets", "accuracy_at_speedup", "decomposition_change", "beats_posthoc", "epoch_time",
            "latency_ratio", "T_BEST_B128", "T_BEST_B1", "T_BEST_ACC", "T_BEST_RATIO", "T_PREDICT", "T_R50_B1",
            "best_runtime_speedup", "best_runtime_ratio", "predicted_latency", "resnet50_latency"]
@@ -234,6 +234,18 @@ def _best_reason(e: dict) -> str:
             f"{e.get('best_ms_b1', float('nan')):.3f} ms in {e.get('best_runtime_b1')} at batch 1")
 
 
+def best_runtime_shortfalls(b128: float, b1: float, loss: float) -> list[str]:
+    """What target 6 misses by: speed-ups best against best at batch 128 and 1, accuracy loss in pt.
+
+    Example:
+        >>> best_runtime_shortfalls(1.9, 1.4, 0.5)
+        ['0.10x at batch 1']
+    """
+    short = [f"{T_BEST_B128 - b128:.2f}x at batch 128"] if b128 < T_BEST_B128 else []
+    short += [f"{T_BEST_B1 - b1:.2f}x at batch 1"] if b1 < T_BEST_B1 else []
+    return short + ([f"{loss - T_BEST_ACC:.2f} pt of accuracy"] if loss > T_BEST_ACC else [])
+
+
 def best_runtime_speedup(ctx: Context, scheme: str) -> list[dict]:
     """Target 6: within 1.0 pt of the baseline, >= 1.8x (b128) and >= 1.5x (b1) faster, best runtime vs best runtime."""
     if not _runtimes_measured(ctx):
@@ -241,9 +253,7 @@ def best_runtime_speedup(ctx: Context, scheme: str) -> list[dict]:
 
     def judge(method: str, e: dict) -> tuple[str, bool, str, str]:
         b128, b1, loss = e["best_speedup_b128"], e["best_speedup_b1"], ctx.baseline_acc - e["acc_after"]
-        short = [f"{T_BEST_B128 - b128:.2f}x at batch 128"] if b128 < T_BEST_B128 else []
-        short += [f"{T_BEST_B1 - b1:.2f}x at batch 1"] if b1 < T_BEST_B1 else []
-        short += [f"{loss - T_BEST_ACC:.2f} pt of accuracy"] if loss > T_BEST_ACC else []
+        short = best_runtime_shortfalls(b128, b1, loss)
         return (f"{b128:.2f}x (b128), {b1:.2f}x (b1), {loss:+.2f} pt loss", not short, " and ".join(short),
                 f"{_best_reason(e)}; {e['macs_speedup']:.2f}x fewer MACs")
 
