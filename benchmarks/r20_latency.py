@@ -152,7 +152,7 @@ def _bench(args: argparse.Namespace, bench: finetune.Bench, command: str) -> dic
             report = json.loads((folder / "report.json").read_text())
             record = time_models(folder, batch_sizes=(1, 128), runtimes=args.runtimes.split(","), threads=args.threads,
                                  min_run_time=args.min_run_time, against=baseline, rounds=args.rounds,
-                                 log=lambda line: bench.log(line.rstrip()) if line.startswith("round") else None)
+                                 log=lambda line: bench.log(line.strip()) if line.lstrip().startswith("round") else None)
             per_seed.setdefault(str(seed), {})[sch] = seed_entry(record, report, acc)
             bench.log(f"seed {seed} {sch}: {per_seed[str(seed)][sch]['best_speedup_b1']}x b1, "
                       f"{per_seed[str(seed)][sch]['best_speedup_b128']}x b128")

@@ -40,8 +40,8 @@ from typing import Callable, Sequence
 
 from benchmarks.common import TRP_METHODS, entry, fmt
 
-__all__ = ["T_SPEEDUP", "T_ACC_LOSS", "T_DECOMP", "T_POSTHOC_GAP", "T_EPOCH", "T_LATENCY", "Context", "TARGETS", "best_runtime_shortfalls",
-           "check_targets", "accuracy_at_speedup", "decomposition_change", "beats_posthoc", "epoch_time",
+__all__ = ["T_SPEEDUP", "T_ACC_LOSS", "T_DECOMP", "T_POSTHOC_GAP", "T_EPOCH", "T_LATENCY", "Context", "TARGETS",
+           "best_runtime_shortfalls", "check_targets", "accuracy_at_speedup", "decomposition_change", "beats_posthoc", "epoch_time",
            "latency_ratio", "T_BEST_B128", "T_BEST_B1", "T_BEST_ACC", "T_BEST_RATIO", "T_PREDICT", "T_R50_B1",
            "best_runtime_speedup", "best_runtime_ratio", "predicted_latency", "resnet50_latency"]
 
