@@ -413,7 +413,7 @@ def test_energy_ramp_schedule() -> None:
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 @pytest.mark.parametrize("target", [1.5, 2.5])
 def test_speedup_projection_meets_the_macs_budget(scheme: str, target: float) -> None:
-    """With speedup=s the projected ResNet-20 decomposes at s x fewer MACs (within the solver's 2 %)."""
+    """With speedup=s the projected ResNet-20 decomposes at s x fewer MACs or at most 2 % more."""
     import trp
     from trp.models import create
 
@@ -423,7 +423,7 @@ def test_speedup_projection_meets_the_macs_budget(scheme: str, target: float) ->
     reg.project_now()
     # The projected weights are exactly low-rank: decomposing at their numerical rank loses nothing.
     p = trp.plan(model, scheme, trp.value(1e-5), default_filter(model), (3, 32, 32))
-    assert abs(p.speedup / target - 1) < 0.02
+    assert 1 <= p.speedup / target < 1.02
     assert {lp.name: lp.rank for lp in p.layers if lp.decomposed} == {
         name: k for name, k in reg.ranks().items() if k < next(lp.full_rank for lp in p.layers if lp.name == name)}
 

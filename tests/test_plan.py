@@ -105,11 +105,12 @@ def _gains(model: nn.Module, lp) -> torch.Tensor:
 @pytest.mark.parametrize("target", [2, 2.5, 3, 4])
 @pytest.mark.parametrize("scheme", CONV_SCHEMES)
 def test_speedup_budget_is_met_and_real(resnet20, scheme, target) -> None:
-    """speedup(s) must land within 2% of s, and the decomposed model's counted MACs must agree with the plan."""
+    """speedup(s) must reach s and land within 2% past it, and the decomposed model's counted MACs must agree
+    with the plan."""
     model = copy.deepcopy(resnet20)
     p = trp.plan(model, scheme, trp.speedup(target), input_shape=RESNET_INPUT)
     assert p.macs_before == RESNET20_MACS
-    assert abs(p.speedup / target - 1) <= 0.02
+    assert 1 <= p.speedup / target <= 1.02
     assert str(p.criterion) == f"speedup:{target:g}"
     # Rank goes where energy per MAC is highest: no unkept value buys more energy per MAC than a kept one,
     # except for the last greedy fill steps that take a cheaper rank to land on the budget.
@@ -127,7 +128,7 @@ def test_speedup_budget_is_met_and_real(resnet20, scheme, target) -> None:
     prof = trp.profile(model, RESNET_INPUT)
     assert prof.macs == p.macs_after
     assert prof.params == p.params_after == sum(q.numel() for q in model.parameters())
-    assert abs(RESNET20_MACS / prof.macs / target - 1) <= 0.02
+    assert 1 <= RESNET20_MACS / prof.macs / target <= 1.02
 
 
 def test_speedup_prefers_concentrated_spectrum() -> None:

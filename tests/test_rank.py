@@ -288,7 +288,8 @@ def _cost(layers, ranks, total) -> float:
 @pytest.mark.parametrize("target", [1.2, 1.5, 2.0, 3.0, 5.0])
 @pytest.mark.parametrize("seed", range(6))
 def test_solve_budget_meets_target_within_two_percent(seed: int, target: float) -> None:
-    """On a made-up set of layers the ranks land within 2 % of the target, each rank valid, dense only when cheaper."""
+    """On a made-up set of layers the ranks reach the target and at most 2 % past it, each rank valid, dense
+    only when cheaper."""
     layers = _made_up_layers(seed)
     total = sum(lay.dense for lay in layers) * 1.1  # 10 % of the model is not decomposable
     assert rank_mod.rank_one_speedup(layers, total) > target  # the made-up set can reach it
@@ -297,7 +298,7 @@ def test_solve_budget_meets_target_within_two_percent(seed: int, target: float) 
     for lay in layers:
         k = ranks[lay.name]
         assert k is None or (1 <= k <= lay.spectrum.numel() and k * lay.cost < lay.dense), (lay.name, k)
-    assert abs(total / _cost(layers, ranks, total) / target - 1) <= 0.02
+    assert 1 <= total / _cost(layers, ranks, total) / target <= 1.02
 
 
 def test_solve_budget_keeps_layer_dense_when_rank_one_costs_more() -> None:
