@@ -39,8 +39,8 @@ from benchmarks.common import Log  # noqa: E402
 from benchmarks.reporting import machine_info  # noqa: E402
 from benchmarks.targets import resnet50_latency  # noqa: E402
 from trp import runtimes as rt  # noqa: E402
-from trp.bench import interleaved, load_source  # noqa: E402
-from trp.compress import LAYER_EXCLUDED, speedups  # noqa: E402
+from trp.bench import interleaved, load_source, speedups  # noqa: E402
+from trp.compress import LAYER_EXCLUDED  # noqa: E402
 from trp.decompose import decompose_  # noqa: E402
 from trp.errors import TRPError  # noqa: E402
 from trp.io import atomic_write_text  # noqa: E402

@@ -186,7 +186,7 @@ def test_layer_target_is_the_dense_models_fastest_layer_runtime() -> None:
 
 def test_speedups_compare_each_model_in_its_own_best_runtime() -> None:
     """best_speedup = the dense model's best time over the compressed model's best, whichever runtimes they are."""
-    from trp.compress import speedups
+    from trp.bench import speedups
     from trp.runtimes import Timings
 
     dense = Timings({"eager": {1: 2.0, 8: 20.0}, "onnxruntime": {1: 1.0, 8: 12.0}})

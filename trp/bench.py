@@ -35,7 +35,7 @@ from trp.saving import load_model
 from trp.tracing import sample_shape
 from trp.validate import boolean, number, whole
 
-__all__ = ["parse_ints", "load_source", "bench_model", "interleaved", "bench", "summary", "report_text"]
+__all__ = ["parse_ints", "load_source", "bench_model", "interleaved", "speedups", "bench", "summary", "report_text"]
 
 
 def parse_ints(text: str | None, what: str) -> list[int] | None:
@@ -81,8 +81,10 @@ def load_source(source: str | os.PathLike | nn.Module, input_shape: Sequence[int
 
 def bench_model(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 128),
                 runtimes: Sequence[str] | None = None, threads: int | None = None, min_run_time: float = 0.3,
-                compile_timeout: float = rt.COMPILE_TIMEOUT, log: Callable[[str], None] | None = None) -> rt.Timings:
-    """:func:`trp.runtimes.measure_all` of a model, refusing one that no runtime could run.
+                compile_timeout: float = rt.COMPILE_TIMEOUT, log: Callable[[str], None] | None = None,
+                what: str = "the model") -> rt.Timings:
+    """:func:`trp.runtimes.measure_all` of a model, refusing one that no runtime could run (``what``
+    names it in that error).
 
     Example:
         >>> t = bench_model(nn.Linear(4, 2), (4,), (2,), ("eager",), min_run_time=0.01)
@@ -91,7 +93,7 @@ def bench_model(model: nn.Module, input_shape: Sequence[int], batch_sizes: Seque
     """
     t = rt.measure_all(model, input_shape, batch_sizes, runtimes, threads, min_run_time, compile_timeout, log)
     if not t:
-        raise TRPError("no runtime could time the model: " + "; ".join(f"{k}: {v}" for k, v in t.skipped.items()))
+        raise TRPError(f"no runtime could time {what}: " + "; ".join(f"{k}: {v}" for k, v in t.skipped.items()))
     return t
 
 
@@ -127,6 +129,23 @@ def _bests(t: rt.Timings, batches: Sequence[int], prefix: str = "") -> dict:
     for b in batches:
         name, ms = rt.best(t, b) if any(b in v for v in t.values()) else (None, None)
         out[f"{prefix}best_runtime_b{b}"], out[f"{prefix}best_ms_b{b}"] = name, None if ms is None else round(ms, 4)
+    return out
+
+
+def speedups(dense: rt.Timings, low: rt.Timings, batches: Sequence[int]) -> dict:
+    """Per batch: each model's best runtime and time, and the speed-up best against best (None where
+    either model has no time at that batch).
+
+    Example:
+        >>> d = rt.Timings({"eager": {1: 2.0}, "onnxruntime": {1: 1.0}})
+        >>> c = rt.Timings({"eager": {1: 0.8}, "onnxruntime": {1: 0.9}})
+        >>> speedups(d, c, [1])["best_speedup_b1"], speedups(d, c, [1])["best_runtime_b1"]
+        (1.25, 'eager')
+    """
+    out = {**_bests(dense, batches, "dense_"), **_bests(low, batches)}
+    for b in batches:
+        both = any(b in v for v in dense.values()) and any(b in v for v in low.values())
+        out[f"best_speedup_b{b}"] = round(rt.best(dense, b)[1] / rt.best(low, b)[1], 4) if both else None
     return out
 
 
@@ -191,10 +210,7 @@ def bench(source: str | os.PathLike | nn.Module, input_shape: Sequence[int] | No
                               "timings": t.to_dict(), **_bests(t, batches)}
     if base is not None:
         record.update({"against": dense_name, "against_timings": base.to_dict(), "rounds": rounds,
-                       **_bests(base, batches, "dense_")})
-        for b in batches:
-            d, c = record[f"dense_best_ms_b{b}"], record[f"best_ms_b{b}"]
-            record[f"best_speedup_b{b}"] = round(d / c, 4) if d is not None and c is not None else None
+                       **speedups(base, t, batches)})
     log(rt.table(t, base))
     if out is not None:
         atomic_write_text(out, json.dumps(record, indent=1) + "\n")

@@ -36,6 +36,7 @@ from torch import nn
 from trp import rank as rank_mod
 from trp import runtimes as rt
 from trp import schemes
+from trp.bench import bench_model, speedups
 from trp.bn import fold_bn_
 from trp.checkpoint import MODEL_FILE
 from trp.data import load as load_data
@@ -56,7 +57,7 @@ from trp.svd_training import truncate_to_dense_
 from trp.tracing import trace_calls
 from trp.validate import boolean, number, whole
 
-__all__ = ["compress", "keep_faster", "finetune", "best_latency", "layer_target", "speedups", "MAX_LATENCY_BATCH",
+__all__ = ["compress", "keep_faster", "finetune", "best_latency", "layer_target", "MAX_LATENCY_BATCH",
            "LAYER_EXCLUDED"]
 
 #: Runtimes never used to time single layers: torch.compile compiles each layer and rank for seconds.
@@ -252,26 +253,6 @@ def layer_target(timings: rt.Timings, batch: int, runtime: str | None = None, mi
     return Target(batch, runtime, min_run_time=min_run_time, cache_dir=cache_dir, timer=timer, rounds=rounds)
 
 
-def speedups(dense: rt.Timings, low: rt.Timings, batches: Sequence[int]) -> dict:
-    """Per batch: each model's best runtime and time, and the speed-up best against best.
-
-    Example:
-        >>> d = rt.Timings({"eager": {1: 2.0}, "onnxruntime": {1: 1.0}})
-        >>> c = rt.Timings({"eager": {1: 0.8}, "onnxruntime": {1: 0.9}})
-        >>> speedups(d, c, [1])["best_speedup_b1"], speedups(d, c, [1])["best_runtime_b1"]
-        (1.25, 'eager')
-    """
-    out: dict[str, Any] = {}
-    for b in batches:
-        d = rt.best(dense, b) if any(b in v for v in dense.values()) else (None, None)
-        c = rt.best(low, b) if any(b in v for v in low.values()) else (None, None)
-        both = d[1] is not None and c[1] is not None  # else no runtime ran at this batch: the fields say so
-        out.update({f"dense_best_runtime_b{b}": d[0], f"dense_best_ms_b{b}": None if d[1] is None else round(d[1], 4),
-                    f"best_runtime_b{b}": c[0], f"best_ms_b{b}": None if c[1] is None else round(c[1], 4),
-                    f"best_speedup_b{b}": round(d[1] / c[1], 4) if both else None})
-    return out
-
-
 def _eager(t: rt.Timings, batch: int) -> tuple[float, str]:
     """PyTorch eager in its faster memory format (the report's historical latency figure)."""
     eager = {name: t[name] for name in ("eager", "channels_last") if batch in t.get(name, {})}
@@ -284,11 +265,8 @@ def _timings(model: nn.Module, spec: ModelSpec, batches: Sequence[int], opts: di
     """(profile, timings in every runtime) of a model as it will run."""
     log(f"timing the {what} model in {', '.join(opts['runtimes'] or rt.defaults())} at batch "
         f"{', '.join(map(str, batches))}")
-    t = rt.measure_all(model, spec.input_shape, batches, opts["runtimes"], min_run_time=opts["min_run_time"],
-                       compile_timeout=opts["compile_timeout"], log=lambda line: log("  " + line))
-    if not t:
-        raise TRPError(f"no runtime could time the {what} model: "
-                       + "; ".join(f"{k}: {v}" for k, v in t.skipped.items()))
+    t = bench_model(model, spec.input_shape, batches, opts["runtimes"], min_run_time=opts["min_run_time"],
+                    compile_timeout=opts["compile_timeout"], log=lambda line: log("  " + line), what=f"the {what} model")
     return profile(model, spec.input_shape), t
 
 
