@@ -70,3 +70,16 @@ def test_flags_and_in_use(tmp_path: Path) -> None:
     """Settings become CLI flags; a folder nobody locks is free."""
     assert ft.flags({"energy_ramp": 3, "lr": 0.01}) == ["--energy-ramp", "3", "--lr", "0.01"]
     assert not ft.in_use(tmp_path / "missing") and not ft.in_use(tmp_path)
+
+
+def test_a_recipes_distillation_weight_goes_with_the_teacher_and_to_post_hoc() -> None:
+    """A recipe's distill_weight is a teacher flag (never a TRP flag); without one --distill-weight applies."""
+    import argparse
+
+    args = argparse.Namespace(ft_epochs=10, speedup=3.0, distill_weight=0.5, distill_temperature=4.0)
+    recipe = {"lr": 0.02, "period": 5, "distill_weight": 0.9}
+    settings = ft.ft_settings(args, recipe)
+    assert "distill_weight" not in settings and (settings["period"], settings["lr"]) == (5, 0.02)
+    assert ft.distill_flags(args, Path("t"), recipe) == ["--teacher", "t", "--distill-weight", "0.9",
+                                                       "--distill-temperature", "4.0"]
+    assert ft.distill_flags(args, Path("t"), {"lr": 0.02})[3] == "0.5" == str(ft.distill_weight(args))

@@ -273,7 +273,7 @@ def test_trp_mixes_schemes_per_layer_type() -> None:
 
 def test_trp_speedup_budget_over_mixed_schemes() -> None:
     """A MACs budget spans layers of different schemes, each costed in its own scheme: the ranks TRP
-    reaches plan to the target speed-up (within the solver's 2 %)."""
+    reaches plan to at least the target speed-up, short of it by less than one rank of one layer."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1), nn.Flatten(),
                           nn.Linear(32 * 36, 64), nn.Linear(64, 10))
@@ -284,7 +284,10 @@ def test_trp_speedup_budget_over_mixed_schemes() -> None:
     assert {layer.name: layer.scheme.name for layer in reg.layers} == {"1": "channel", "3": "linear", "4": "linear"}
     reg.project_now()
     p = trp.plan(model, ("channel", "linear"), reg.ranks(), take, shape)
-    assert abs(p.speedup / 2.0 - 1) < 0.02
+    budget = p.macs_before / 2.0
+    step = max(lp.macs_after // lp.rank for lp in p.layers if lp.decomposed)  # MACs are linear in the rank
+    # On 6x6 inputs one conv rank is 5 % of the budget, so "within 2 %" is not reachable from below.
+    assert p.macs_after <= budget < p.macs_after + step, (p.macs_after, budget, step)
 
 
 def test_hf_conv1d_is_linear() -> None:
