@@ -10,8 +10,9 @@ For each seed, side by side (``--jobs`` one-thread ``python -m trp train`` subpr
 3. ``trp-ft`` (a): the chosen recipe on every seed, then decomposed with :func:`trp.compress.compress`
    (value threshold, no fine-tuning, no per-layer latency check so the MACs are what TRP trained for).
 4. ``posthoc-ft`` (b): the baseline decomposed post hoc (truncated SVD) at the MACs of (a), BatchNorm
-   kept, then fine-tuned for the same epochs with the same distillation and learning rate
-   (``trp train --init DECOMPOSED --teacher BASELINE``).
+   kept, then fine-tuned for the same epochs with the same distillation
+   (``trp train --init DECOMPOSED --teacher BASELINE``), at each learning rate of :data:`POSTHOC_LRS`
+   on the ``--tune-seeds``; the best mean validation accuracy is chosen and run on every seed.
 
 (a) and (b) train ``--ft-epochs`` epochs (default 10, what the issue allows).
 5. ``trp-NAME`` (c): TRP + nuclear from scratch with distillation from the baseline for
@@ -23,7 +24,8 @@ For each seed, side by side (``--jobs`` one-thread ``python -m trp train`` subpr
 
 Every run reports validation accuracy per epoch and the test split once, at its end. Writes
 ``results.json`` and ``results.md`` (mean and spread over seeds, the targets of issue #16 checked from
-the numbers) into ``--out``. Runs already complete are reused, so an interrupted benchmark resumes.
+the numbers: :mod:`benchmarks.finetune_report`) into ``--out``. Runs already complete are reused, so
+an interrupted benchmark resumes.
 
 Example:
     python benchmarks/finetune.py --seeds 0,1,2 --jobs 2 --rank value:1e-3 --out benchmarks/results/finetune-r20-c10mini
@@ -45,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,6 +56,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 if str(REPO) not in sys.path:  # run as a script from anywhere: the trp package is the repository's
     sys.path.insert(0, str(REPO))
+from benchmarks.finetune_report import markdown, summarize, targets  # noqa: E402
+
 DEFAULT_DATA = "../shared/data/cifar10-mini"
 
 #: Fine-tuning recipes compared on the validation split (epochs <= 10, --speedup for the budget).
@@ -73,6 +78,10 @@ SCRATCH = {"method": "trp", "scheme": "spatial", "epochs": 30, "lr": 0.05, "ener
 #: From-scratch recipes compared on the validation split: the committed one, and with projections 4x
 #: as often (the change that led the fine-tuning comparison). Run folders are ``trp-<name>``.
 SCRATCH_RECIPES: dict[str, dict[str, Any]] = {"scratch": SCRATCH, "scratch-p5": {**SCRATCH, "period": 5}}
+#: Post hoc (b) is tuned too: its fine-tuning learning rate is chosen on the validation split among
+#: the recipes' learning rates, so (a) is compared with (b) at its best, not at (a)'s setting.
+#: Run folders are ``posthoc-ft-<name>``.
+POSTHOC_LRS: dict[str, float] = {f"lr{lr:g}": lr for lr in sorted({r["lr"] for r in FT_RECIPES.values()})}
 
 
 def flags(d: dict[str, Any]) -> list[str]:
@@ -261,7 +270,7 @@ def run_all(bench: Bench) -> dict[int, dict]:
     """Every run of every seed as threads waiting on what they need; jobs go through the priority slots."""
     args = bench.args
     # Priorities: 0 baselines, 1 tuning, 2 the chosen fine-tuning and its decompositions, 3 post hoc, 4 scratch.
-    pool = ThreadPoolExecutor(max_workers=8 * len(args.seeds) + 8)
+    pool = ThreadPoolExecutor(max_workers=16 * len(args.seeds) + 16)
     base = {s: pool.submit(bench.train, s, "baseline", BASELINE, (), 0) for s in args.seeds}
 
     def teacher(s: int, recipe: dict[str, Any] | None = None) -> list[str]:
@@ -274,10 +283,14 @@ def run_all(bench: Bench) -> dict[int, dict]:
 
     tuned = {(s, n): pool.submit(tune, s, n) for s in args.tune_seeds for n in FT_RECIPES}
 
-    def chosen() -> tuple[str, dict[str, float]]:
-        vals = {n: statistics.mean(tuned[(s, n)].result()["final_test"]["val_acc"] for s in args.tune_seeds)
-                for n in FT_RECIPES}
+    def best(runs: dict[tuple[int, str], Any], names: Iterable[str]) -> tuple[str, dict[str, float]]:
+        """The recipe with the highest mean validation accuracy over the tune seeds, and every mean."""
+        vals = {n: statistics.mean(runs[(s, n)].result()["final_test"]["val_acc"] for s in args.tune_seeds)
+                for n in names}
         return max(vals, key=lambda n: vals[n]), vals
+
+    def chosen() -> tuple[str, dict[str, float]]:
+        return best(tuned, FT_RECIPES)
 
     def trp_ft(s: int) -> dict:
         name = chosen()[0]
@@ -288,15 +301,24 @@ def run_all(bench: Bench) -> dict[int, dict]:
                               args.rank)
         return {"recipe": name, "doc": doc, "report": report}
 
+    def posthoc_decomposed(s: int) -> dict:
+        return posthoc_model(bench, bench.run_dir(s, "baseline"), bench.run_dir(s, "posthoc-model"),
+                             ft_futures[s].result()["report"]["macs_after"], s)
+
+    def posthoc_run(s: int, name: str) -> dict:
+        ph_models[s].result()
+        recipe = FT_RECIPES[ft_futures[s].result()["recipe"]]  # (a)'s distillation
+        return bench.train(s, f"posthoc-ft-{name}", {"method": "baseline", "epochs": args.ft_epochs,
+                                                      "lr": POSTHOC_LRS[name]},
+                           ["--init", str(bench.run_dir(s, "posthoc-model")), *teacher(s, recipe)], 3)
+
+    def posthoc_chosen() -> tuple[str, dict[str, float]]:
+        return best(ph_tuned, POSTHOC_LRS)
+
     def posthoc(s: int) -> dict:
-        ft = ft_futures[s].result()
-        ph = posthoc_model(bench, bench.run_dir(s, "baseline"), bench.run_dir(s, "posthoc-model"),
-                           ft["report"]["macs_after"], s)
-        doc = bench.train(s, "posthoc-ft", {"method": "baseline", "epochs": args.ft_epochs,
-                                            "lr": FT_RECIPES[ft["recipe"]]["lr"]},
-                          ["--init", str(bench.run_dir(s, "posthoc-model")),
-                           *teacher(s, FT_RECIPES[ft["recipe"]])], 3)
-        return {"info": ph, "doc": doc}
+        name = posthoc_chosen()[0]
+        doc = ph_tuned[(s, name)].result() if (s, name) in ph_tuned else posthoc_run(s, name)
+        return {"info": ph_models[s].result(), "lr": name, "doc": doc}
 
     def scratch_run(s: int, name: str) -> dict:
         # From scratch comes last: every seed's (a) and (b) first (a slot freed by a finished baseline
@@ -308,9 +330,7 @@ def run_all(bench: Bench) -> dict[int, dict]:
                            teacher(s), 4)
 
     def scratch_chosen() -> tuple[str, dict[str, float]]:
-        vals = {n: statistics.mean(sc_tuned[(s, n)].result()["final_test"]["val_acc"] for s in args.tune_seeds)
-                for n in SCRATCH_RECIPES}
-        return max(vals, key=lambda n: vals[n]), vals
+        return best(sc_tuned, SCRATCH_RECIPES)
 
     def scratch(s: int) -> dict:
         name = scratch_chosen()[0]
@@ -333,6 +353,8 @@ def run_all(bench: Bench) -> dict[int, dict]:
 
     timing_future = pool.submit(timing)
     ft_futures = {s: pool.submit(trp_ft, s) for s in args.seeds}
+    ph_models = {s: pool.submit(posthoc_decomposed, s) for s in args.seeds}
+    ph_tuned = {(s, n): pool.submit(posthoc_run, s, n) for s in args.tune_seeds for n in POSTHOC_LRS}
     ph_futures = {s: pool.submit(posthoc, s) for s in args.seeds}
     sc_tuned = ({(s, n): pool.submit(scratch_run, s, n) for s in args.tune_seeds for n in SCRATCH_RECIPES}
                 if not args.skip_scratch else {})
@@ -350,6 +372,7 @@ def run_all(bench: Bench) -> dict[int, dict]:
                   "trp-ft": got(ft_futures[s]), "posthoc-ft": got(ph_futures[s]),
                   "trp-scratch": got(sc_futures.get(s))}
     out[-1] = {"chosen": chosen(), "scratch_chosen": scratch_chosen() if sc_tuned else None,
+               "posthoc_chosen": posthoc_chosen(),
                "timing": timing_future.result()}
     pool.shutdown()
     return out
@@ -375,9 +398,10 @@ def seed_figures(raw: dict) -> dict:
     if ft is not None:
         fig["trp-ft"] = {"recipe": ft["recipe"], **_compressed(ft, dense)}
     if ph is not None:
-        fig["posthoc-ft"] = {"val_acc": ph["doc"]["final_test"]["val_acc"], "test_acc": ph["doc"]["final_test"]["test_acc"],
+        final = ph["doc"]["final_test"]
+        fig["posthoc-ft"] = {"val_acc": final["val_acc"], "test_acc": final["test_acc"],
                              "macs": ph["info"]["macs"], "macs_speedup": round(dense / ph["info"]["macs"], 4),
-                             "rank": ph["info"]["criterion"]}
+                             "rank": ph["info"]["criterion"], "lr": ph["lr"]}
     if sc is not None:
         fig["trp-scratch"] = {"recipe": sc["recipe"], **_compressed(sc, dense)}
     return fig
@@ -389,7 +413,7 @@ def time_epochs(args: argparse.Namespace, recipe: dict[str, Any], rounds: int) -
     """A plain fine-tuning epoch against one with TRP + distillation, one thread, alternating, in this process.
 
     Both start from seed 0's baseline; the plain one is SGD alone (method baseline, no teacher), the
-    other the chosen recipe's TRP (projection every 20 steps for ``--speedup``, nuclear norm) and the
+    other the chosen recipe's TRP (its projection period and nuclear norm, ranks for ``--speedup``) and the
     distillation loss with the baseline as teacher. Each round times one epoch of each, the order
     alternating between rounds so that drifts in machine load fall on both.
     """
@@ -438,123 +462,6 @@ def _resnet20() -> Any:
     return create("resnet20", num_classes=10, in_channels=3)
 
 
-# ------------------------------------------------------------------------------------ the report
-
-ARMS = ("baseline", "trp-ft", "posthoc-ft", "trp-scratch")
-LABELS = {"baseline": "dense baseline (30 epochs)", "trp-ft": "(a) TRP fine-tuning + distillation, decomposed",
-          "posthoc-ft": "(b) post-hoc SVD + fine-tuning + distillation", "trp-scratch": "(c) TRP from scratch + distillation"}
-
-
-def spread(values: list[float]) -> dict:
-    """Mean, sample standard deviation, min and max.
-
-    Example:
-        >>> spread([1.0, 3.0])
-        {'mean': 2.0, 'std': 1.4142, 'min': 1.0, 'max': 3.0, 'n': 2}
-    """
-    return {"mean": round(statistics.mean(values), 4),
-            "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
-
-
-def summarize(per_seed: dict[int, dict]) -> dict:
-    out: dict[str, dict] = {}
-    for arm in ARMS:
-        rows = [f[arm] for f in per_seed.values() if arm in f]
-        if rows:
-            out[arm] = {k: spread([r[k] for r in rows]) for k in ("val_acc", "test_acc", "macs_speedup")}
-            if "decomposition_change" in rows[0]:
-                out[arm]["decomposition_change"] = spread([r["decomposition_change"] for r in rows])
-    return out
-
-
-def targets(summary: dict, timing: dict | None) -> list[dict]:
-    """The targets of issue #16, each checked from the measured means (met, or missed by how much)."""
-    base = summary["baseline"]["test_acc"]["mean"]
-    out = []
-
-    def check(name: str, ok: bool, measured: str, miss: str) -> None:
-        out.append({"target": name, "met": ok, "measured": measured, "missed_by": None if ok else miss})
-
-    if "trp-ft" not in summary:
-        return out
-    def near_baseline(name: str, entry: dict, speedup: float) -> None:  # <= 0.5 pt below at >= `speedup`x MACs
-        loss, s = base - entry["test_acc"]["mean"], entry["macs_speedup"]["mean"]
-        check(name, loss <= 0.5 and s >= speedup, f"{entry['test_acc']['mean']:.2f}% vs {base:.2f}% ({-loss:+.2f} pt) "
-              f"at {s:.2f}x", f"{max(loss - 0.5, 0):.2f} pt of accuracy, {max(speedup - s, 0):.2f}x of speed-up")
-
-    ft = summary["trp-ft"]
-    near_baseline("(a) TRP fine-tuning (<= 10 epochs): <= 0.5 pt below the baseline at >= 3.0x fewer MACs", ft, 3.0)
-    worst = max(abs(ft["decomposition_change"]["min"]), abs(ft["decomposition_change"]["max"]))
-    check("(a) decomposition changes accuracy by <= 0.1 pt (every seed)", worst <= 0.1,
-          f"largest change {worst:.2f} pt (mean {ft['decomposition_change']['mean']:+.2f})", f"{worst - 0.1:.2f} pt")
-    ph = summary.get("posthoc-ft")
-    gap = ft["test_acc"]["mean"] - ph["test_acc"]["mean"] if ph else float("nan")
-    if ph:
-        check("(a) beats post-hoc SVD + the same fine-tuning and distillation at the same MACs by >= 2 pt", gap >= 2.0,
-              f"{gap:+.2f} pt ({ft['test_acc']['mean']:.2f}% vs {ph['test_acc']['mean']:.2f}%, "
-              f"{ft['macs_speedup']['mean']:.2f}x vs {ph['macs_speedup']['mean']:.2f}x)", f"{2.0 - gap:.2f} pt")
-    if "trp-scratch" in summary:
-        near_baseline("(c) from scratch with distillation: <= 0.5 pt below the baseline at >= 2.5x",
-                      summary["trp-scratch"], 2.5)
-    if timing:
-        check("fine-tuning epoch with TRP + distillation <= 1.3x a plain epoch", timing["ratio"] <= 1.3,
-              f"{timing['ratio']:.3f}x ({timing['median_s']['trp+distill']:.2f} s vs {timing['median_s']['plain']:.2f} s, "
-              f"median of {timing['rounds']}, 1 thread)", f"{timing['ratio'] - 1.3:.3f}x")
-    return out
-
-
-def markdown(doc: dict) -> str:
-    s, lines = doc["summary"], []
-    lines += [f"# Fine-tuning benchmark `{doc['name']}`", "",
-              f"Command: `{doc['command']}`  ", f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, "
-              f"torch {doc['machine']['torch']}; every training run one thread ({doc['settings']['jobs']} at a time); "
-              f"wall time {doc['wall_s'] / 60:.0f} min.", "",
-              "ResNet-20 on cifar10-mini: a class-balanced 10 % of the 4,085 training images held out for validation "
-              "(every choice below was made on it); the 1,000 test images evaluated once per final model. "
-              f"Seeds {', '.join(map(str, doc['settings']['seeds']))}; mean ± sample standard deviation [min, max].", "",
-              "| method | val acc (%) | test acc (%) | Δ test vs baseline (pt) | MACs speed-up |", "|---|---:|---:|---:|---:|"]
-    base = s["baseline"]["test_acc"]["mean"]
-    for arm in ARMS:
-        if arm not in s:
-            continue
-        v, t, m = s[arm]["val_acc"], s[arm]["test_acc"], s[arm]["macs_speedup"]
-        lines.append(f"| {LABELS[arm]} | {v['mean']:.2f} ± {v['std']:.2f} | {t['mean']:.2f} ± {t['std']:.2f} "
-                     f"[{t['min']:.1f}, {t['max']:.1f}] | {t['mean'] - base:+.2f} | {m['mean']:.2f}x |")
-    lines += ["", "## Per seed", "", "| seed | method | val acc (%) | test acc (%) | MACs speed-up | note |",
-              "|---|---|---:|---:|---:|---|"]
-    for seed, f in doc["per_seed"].items():
-        for arm in ARMS:
-            if arm in f:
-                r = f[arm]
-                note = (f"recipe {r['recipe']}; trained {r['test_acc_trained']:.2f}%, decomposition "
-                        f"{r['decomposition_change']:+.2f} pt" if arm in ("trp-ft", "trp-scratch") else r.get("rank", ""))
-                lines.append(f"| {seed} | {arm} | {r['val_acc']:.2f} | {r['test_acc']:.2f} | {r['macs_speedup']:.2f}x "
-                             f"| {note} |")
-    lines += ["", "## Choices made on the validation split", ""]
-    chosen, vals = doc["chosen"]
-    for name, recipe in FT_RECIPES.items():
-        lines.append(f"- `{name}` {json.dumps(recipe)}: mean val acc {vals[name]:.2f}% "
-                     f"(seeds {', '.join(map(str, doc['settings']['tune_seeds']))})" + ("  **chosen**" if name == chosen else ""))
-    if doc.get("scratch_chosen"):
-        chosen, vals = doc["scratch_chosen"]
-        for name, recipe in SCRATCH_RECIPES.items():
-            lines.append(f"- from scratch `{name}` (period {recipe['period']}): mean val acc {vals[name]:.2f}% "
-                         f"(seeds {', '.join(map(str, doc['settings']['tune_seeds']))})"
-                         + ("  **chosen**" if name == chosen else ""))
-    lines += ["", "## Targets (issue #16)", ""]
-    for t in doc["targets"]:
-        lines.append(f"- **{'met' if t['met'] else 'missed'}**: {t['target']} — {t['measured']}"
-                     + ("" if t["met"] else f"; missed by {t['missed_by']}"))
-    if doc.get("timing"):
-        tm = doc["timing"]
-        lines += ["", "## Epoch time", "", f"One fine-tuning epoch, 1 thread, {tm['rounds']} rounds alternating: plain "
-                  f"{tm['epoch_s']['plain']} s, TRP + distillation {tm['epoch_s']['trp+distill']} s; ratio of medians "
-                  f"{tm['ratio']:.3f}. Load average after timing: {', '.join(f'{x:.2f}' for x in tm['load_average_after'])} "
-                  "(the machine was shared with other jobs)."]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -563,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads per training process")
     p.add_argument("--data-dir", default=DEFAULT_DATA)
     p.add_argument("--val-split", type=float, default=0.1)
-    p.add_argument("--ft-epochs", type=int, default=10, help="fine-tuning epochs of (a) and (b) (the issue allows <= 10)")
+    p.add_argument("--ft-epochs", type=int, default=10,
+                   help="fine-tuning epochs of (a) and (b) (the issue allows <= 10)")
     p.add_argument("--speedup", type=float, default=3.0)
     p.add_argument("--scratch-speedup", type=float, default=2.55)
     p.add_argument("--distill-weight", type=float, default=0.5)
@@ -574,12 +482,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-scratch", action="store_true")
     p.add_argument("--deadline", help="UTC time HH:MM after which no new training run starts (those left are "
                    "reported as not run)")
-    p.add_argument("--base-epochs", type=int, default=30, help="baseline and from-scratch epochs (30; less for a smoke test)")
+    p.add_argument("--base-epochs", type=int, default=30,
+                   help="baseline and from-scratch epochs (30; less for a smoke test)")
     p.add_argument("--runs", default="runs/finetune")
     p.add_argument("--out", default="benchmarks/results/finetune-r20-c10mini")
     args = p.parse_args(argv)
     args.seeds = [int(x) for x in args.seeds.split(",")]
     args.tune_seeds = [int(x) for x in args.tune_seeds.split(",")]
+    if not set(args.tune_seeds) <= set(args.seeds):
+        p.error("--tune-seeds must be among --seeds (each tuning run starts from that seed's baseline)")
     if args.deadline:
         import datetime as dt
 
@@ -588,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         args.deadline_text, args.deadline = args.deadline, now.replace(hour=hh, minute=mm, second=0).timestamp()
     os.chdir(REPO)
     if args.timing_only:
-        timing = time_epochs(args, FT_RECIPES[args.timing_only], args.timing_rounds)
+        timing = {"recipe": args.timing_only, **time_epochs(args, FT_RECIPES[args.timing_only], args.timing_rounds)}
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "timing.json").write_text(json.dumps(timing, indent=1))
         return 0
@@ -599,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = run_all(bench)
     extra = raw.pop(-1)
     chosen, scratch_chosen, timing = extra["chosen"], extra["scratch_chosen"], extra["timing"]
+    posthoc_chosen = extra["posthoc_chosen"]
     per_seed = {s: seed_figures(r) for s, r in raw.items()}
     summary = summarize(per_seed)
     import torch
@@ -607,7 +519,9 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
                        "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_run": args.threads},
            "settings": {k: v for k, v in vars(args).items()}, "recipes": FT_RECIPES, "baseline_recipe": BASELINE,
-           "scratch_recipes": SCRATCH_RECIPES, "chosen": chosen, "scratch_chosen": scratch_chosen, "per_seed": per_seed, "summary": summary, "timing": timing,
+           "scratch_recipes": SCRATCH_RECIPES, "chosen": chosen, "scratch_chosen": scratch_chosen,
+           "posthoc_lrs": POSTHOC_LRS, "posthoc_chosen": posthoc_chosen, "per_seed": per_seed, "summary": summary,
+           "timing": timing,
            "wall_s": round(time.perf_counter() - bench.t0, 1)}
     doc["targets"] = targets(summary, timing)
     out = Path(args.out)

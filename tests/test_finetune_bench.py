@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the repository root, never benchmarks/ itself (its modules would shadow packages)
     sys.path.insert(0, str(ROOT))
 from benchmarks import finetune as ft  # noqa: E402
+from benchmarks import finetune_report as report  # noqa: E402
 
 
 def _seed(base: float, tuned: float, posthoc: float, change: float = 0.0, speedup: float = 3.1) -> dict:
@@ -20,15 +21,15 @@ def _seed(base: float, tuned: float, posthoc: float, change: float = 0.0, speedu
            "macs": 1, "macs_speedup": speedup, "rank": "value:1e-3", "layers_decomposed": 18, "recipe": "r"}
     return {"baseline": {"val_acc": 50.0, "test_acc": base, "macs": 3, "macs_speedup": 1.0}, "tune": {},
             "trp-ft": arm, "posthoc-ft": {"val_acc": 40.0, "test_acc": posthoc, "macs": 1, "macs_speedup": speedup,
-                                          "rank": "speedup:3.1"}}
+                                          "rank": "speedup:3.1", "lr": "lr0.02"}}
 
 
 def test_targets_are_checked_from_the_means() -> None:
     """A 0.3 pt loss at 3.1x meets the first target; a 0.2 pt decomposition change misses by 0.1 pt."""
     per_seed = {0: _seed(66.0, 65.8, 62.0), 1: _seed(67.0, 66.6, 63.0, change=-0.2), 2: _seed(66.0, 65.7, 63.0)}
-    summary = ft.summarize(per_seed)
+    summary = report.summarize(per_seed)
     assert summary["trp-ft"]["test_acc"]["mean"] == pytest.approx(66.0333, abs=1e-3)
-    checks = ft.targets(summary, None)
+    checks = report.targets(summary, None)
     first, decomposition, versus = checks[:3]
     assert first["target"].startswith("(a) TRP fine-tuning") and first["met"] and first["missed_by"] is None
     assert decomposition["target"].startswith("(a) decomposition") and not decomposition["met"]
@@ -38,9 +39,9 @@ def test_targets_are_checked_from_the_means() -> None:
 
 def test_timing_target_and_missing_arms() -> None:
     """A 1.4x epoch misses the time target by 0.1x; a benchmark without (c) checks no (c) target."""
-    summary = ft.summarize({0: _seed(66.0, 64.0, 63.5), 1: _seed(66.0, 64.0, 63.5)})
+    summary = report.summarize({0: _seed(66.0, 64.0, 63.5), 1: _seed(66.0, 64.0, 63.5)})
     timing = {"ratio": 1.4, "median_s": {"trp+distill": 14.0, "plain": 10.0}, "rounds": 2}
-    checks = ft.targets(summary, timing)
+    checks = report.targets(summary, timing)
     assert not any(t["target"].startswith("(c)") for t in checks)
     assert checks[-1]["missed_by"] == "0.100x"
     assert not checks[0]["met"] and checks[0]["missed_by"].startswith("1.50 pt of accuracy")
@@ -83,3 +84,23 @@ def test_a_recipes_distillation_weight_goes_with_the_teacher_and_to_post_hoc() -
     assert ft.distill_flags(args, Path("t"), recipe) == ["--teacher", "t", "--distill-weight", "0.9",
                                                        "--distill-temperature", "4.0"]
     assert ft.distill_flags(args, Path("t"), {"lr": 0.02})[3] == "0.5" == str(ft.distill_weight(args))
+
+
+def test_post_hoc_is_tuned_over_the_recipes_learning_rates_and_reported() -> None:
+    """(b)'s learning rates are the recipes' own; the report names the chosen one and each seed's."""
+    assert sorted(ft.POSTHOC_LRS.values()) == sorted({r["lr"] for r in ft.FT_RECIPES.values()})
+    per_seed = {0: _seed(66.0, 65.8, 62.0), 1: _seed(67.0, 66.6, 63.0)}
+    summary = report.summarize(per_seed)
+    names = list(ft.POSTHOC_LRS)
+    doc = {"name": "t", "command": "python benchmarks/finetune.py", "wall_s": 60.0,
+           "machine": {"cpu": "x86_64", "cores": 2, "torch": "2"},
+           "settings": {"jobs": 2, "seeds": [0, 1], "tune_seeds": [0, 1]}, "summary": summary, "per_seed": per_seed,
+           "recipes": ft.FT_RECIPES,
+           "chosen": ["lr02-r2-f4", {n: 60.0 for n in ft.FT_RECIPES}], "posthoc_lrs": ft.POSTHOC_LRS,
+           "posthoc_chosen": [names[0], {n: 50.0 - i for i, n in enumerate(names)}],
+           "targets": report.targets(summary, None)}
+    text = report.markdown(doc)
+    first = ft.POSTHOC_LRS[names[0]]
+    assert f"post hoc (b) fine-tuned at lr {first:g}: mean val acc 50.00%" in text
+    assert text.count("**chosen**") == 2  # one recipe, one post-hoc learning rate
+    assert "| 0 | posthoc-ft | 40.00 | 62.00 | 3.10x | speedup:3.1, lr0.02 |" in text
