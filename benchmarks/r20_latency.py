@@ -37,6 +37,7 @@ if str(HERE.parent) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import finetune  # noqa: E402
+from benchmarks.finetune_report import spread  # noqa: E402
 from benchmarks.targets import T_BEST_ACC, T_BEST_B1, T_BEST_B128, T_BEST_RATIO, best_runtime_shortfalls  # noqa: E402
 
 __all__ = ["arm_name", "settings", "seed_entry", "summarize", "targets", "markdown", "main"]
@@ -78,7 +79,7 @@ def summarize(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict]:
     """Per scheme, mean and spread over seeds of every figure the targets read."""
     schemes = sorted({sch for arms in per_seed.values() for sch in arms})
     keys = ("test_acc", "delta_vs_baseline", "macs_speedup", "best_speedup_b1", "best_speedup_b128", "best_ratio_b128")
-    return {sch: {k: finetune.spread([arms[sch][k] for arms in per_seed.values() if sch in arms]) for k in keys}
+    return {sch: {k: spread([arms[sch][k] for arms in per_seed.values() if sch in arms]) for k in keys}
             for sch in schemes}
 
 
@@ -162,7 +163,7 @@ def _bench(args: argparse.Namespace, bench: finetune.Bench, command: str) -> dic
             "latency_batch": args.latency_batch, "recipes": {sch: settings(args, sch) for sch in args.schemes},
             "threads": args.threads,
             "rounds": args.rounds, "runtimes": args.runtimes, "min_run_time": args.min_run_time,
-            "baseline_acc": finetune.spread(base_acc), "per_seed": per_seed, "summary": summary,
+            "baseline_acc": spread(base_acc), "per_seed": per_seed, "summary": summary,
             "targets": targets(summary)}
 
 
