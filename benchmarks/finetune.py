@@ -264,6 +264,15 @@ def ft_settings(args: argparse.Namespace, recipe: dict[str, Any]) -> dict[str, A
 
 
 
+def timed_recipe(path: Path) -> str | None:
+    """The recipe whose epochs ``timing.json`` at ``path`` timed (None: no such file, or one of an older
+    format that did not record it)."""
+    try:
+        return json.loads(path.read_text()).get("recipe")
+    except (OSError, ValueError):
+        return None
+
+
 # ------------------------------------------------------------------------------------ the schedule
 
 def run_all(bench: Bench) -> dict[int, dict]:
@@ -341,15 +350,15 @@ def run_all(bench: Bench) -> dict[int, dict]:
 
     def timing() -> dict | None:
         """The epoch-time comparison as a job of its own once the recipe is chosen, so it runs before the end."""
-        path = Path(args.out) / "timing.json"
-        if args.timing_rounds and not path.is_file():
-            bench.sh([sys.executable, str(HERE / "finetune.py"), "--timing-only", chosen()[0], "--runs", args.runs,
+        path, name = Path(args.out) / "timing.json", chosen()[0]
+        if args.timing_rounds and timed_recipe(path) != name:  # a file of another recipe's epochs is timed again
+            bench.sh([sys.executable, str(HERE / "finetune.py"), "--timing-only", name, "--runs", args.runs,
                       "--data-dir", args.data_dir, "--out", args.out, "--timing-rounds", str(args.timing_rounds),
                       "--speedup", str(args.speedup), "--ft-epochs", str(args.ft_epochs), "--val-split",
-                      str(args.val_split), "--distill-weight", str(distill_weight(args, FT_RECIPES[chosen()[0]])),
+                      str(args.val_split), "--distill-weight", str(distill_weight(args, FT_RECIPES[name])),
                       "--distill-temperature", str(args.distill_temperature)],
                      Path(args.runs) / "timing.log", "epoch timing", 3)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return json.loads(path.read_text()) if timed_recipe(path) == name else None
 
     timing_future = pool.submit(timing)
     ft_futures = {s: pool.submit(trp_ft, s) for s in args.seeds}

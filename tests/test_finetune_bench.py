@@ -104,3 +104,15 @@ def test_post_hoc_is_tuned_over_the_recipes_learning_rates_and_reported() -> Non
     assert f"post hoc (b) fine-tuned at lr {first:g}: mean val acc 50.00%" in text
     assert text.count("**chosen**") == 2  # one recipe, one post-hoc learning rate
     assert "| 0 | posthoc-ft | 40.00 | 62.00 | 3.10x | speedup:3.1, lr0.02 |" in text
+
+
+def test_timing_is_reused_only_for_the_recipe_it_timed(tmp_path: Path) -> None:
+    """timing.json names its recipe; a missing file, an unreadable one, or one without a recipe names none."""
+    path = tmp_path / "timing.json"
+    assert ft.timed_recipe(path) is None
+    path.write_text('{"ratio": 1.2}')
+    assert ft.timed_recipe(path) is None
+    path.write_text('{"recipe": "lr05-r2-f4-p5", "ratio": 1.2}')
+    assert ft.timed_recipe(path) == "lr05-r2-f4-p5"
+    path.write_text("{not json")
+    assert ft.timed_recipe(path) is None
