@@ -128,7 +128,8 @@ def markdown(doc: dict) -> str:
         tm = doc["timing"]
         lines += ["", "## Epoch time", "", f"One fine-tuning epoch, 1 thread, {tm['rounds']} rounds alternating: plain "
                   f"{tm['epoch_s']['plain']} s, TRP + distillation {tm['epoch_s']['trp+distill']} s; ratio of medians "
-                  f"{tm['ratio']:.3f}. Load average after timing: "
-                  f"{', '.join(f'{x:.2f}' for x in tm['load_average_after'])} "
-                  "(the machine was shared with other jobs)."]
+                  f"{tm['ratio']:.3f}. Load average (1, 5, 15 min) "
+                  + (f"before timing {', '.join(f'{x:.2f}' for x in tm['load_average_before'])}, "
+                     if "load_average_before" in tm else "")
+                  + f"after {', '.join(f'{x:.2f}' for x in tm['load_average_after'])}."]
     return "\n".join(lines) + "\n"

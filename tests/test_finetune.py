@@ -184,6 +184,31 @@ def test_teacher_runs_in_eval_mode_without_gradients() -> None:
     assert all(not p.requires_grad for p in model.parameters())
 
 
+class _Counting(torch.nn.Module):
+    """Scales by how often it has been called: a Python number the tracer freezes as a constant."""
+
+    calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * self.calls
+
+
+def test_teacher_runs_as_a_checked_torchscript_graph_on_cpu() -> None:
+    """A conv teacher becomes a frozen graph at its first batch and gives eager's logits on batches of other
+    sizes; a model the tracer gets wrong (its graph disagrees on that batch) stays eager."""
+    model = create("resnet20", num_classes=10, in_channels=1).eval()
+    scripted, eager = Teacher(model), Teacher(create("resnet20", num_classes=10, in_channels=1), script=False)
+    eager.model.load_state_dict(model.state_dict())
+    scripted(torch.randn(8, 1, 8, 8))
+    assert scripted.graph is not None and eager(torch.randn(2, 1, 8, 8)) is not None and eager.graph is None
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.allclose(scripted(x), eager(x), atol=1e-4)
+    noisy = Teacher(_Counting())
+    noisy(torch.ones(2, 3))
+    assert noisy.graph is None
+
+
 def test_distilled_run_resumes_bit_for_bit_and_checks_its_teacher(dense: Path, tmp_path: Path) -> None:
     """A run with a teacher, stopped and resumed, gives the uninterrupted metrics; a changed teacher is refused."""
     cfg = TrainConfig(dataset="digits", method="trp", scheme="spatial", speedup=2.0, energy_ramp=1, epochs=2,
