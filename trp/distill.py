@@ -70,10 +70,12 @@ class Teacher:
 
     The graph (``torch.jit.trace`` → ``freeze`` → ``optimize_for_inference``: weights as constants,
     oneDNN convolutions with their ReLUs fused) ran a ResNet-20 teacher at batch 128 on one thread of
-    the 2-core reference CPU in 119 ms where eager channels-last took 173 ms, which takes a TRP +
-    distillation epoch from 1.30x to about 1.2x a plain one (benchmarks/FINETUNE.md). Its logits are
+    the 2-core reference CPU in 124 ms where eager channels-last took 157 ms, and took a TRP +
+    distillation epoch from 1.30x to 1.25x a plain one (benchmarks/FINETUNE.md). Its logits are
     checked against eager mode on that first batch; a model that does not trace, or whose graph
-    disagrees (beyond float reordering), runs eagerly, as does any teacher on a GPU.
+    disagrees (beyond float reordering), runs eagerly, as does any teacher on a GPU. The weights are
+    read into the graph at the first batch: a teacher is frozen, so later changes to ``model`` are
+    not seen.
 
     Args:
         model: The teacher (its parameters are set to ``requires_grad=False``).
