@@ -9,7 +9,7 @@ Example:
     >>> from torch import nn
     >>> from trp.svd_training import svd_parametrize_
     >>> model = svd_parametrize_(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)))
-    >>> float(regularization(model, SVDTrainingConfig(orth=1.0, sparsity=0.0))) < 1e-5  # factors start orthonormal
+    >>> regularization(model, SVDTrainingConfig(orth=1.0, sparsity=0.0)).item() < 1e-5  # factors start orthonormal
     True
 """
 
