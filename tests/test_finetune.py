@@ -201,7 +201,8 @@ def test_teacher_runs_as_a_checked_torchscript_graph_on_cpu() -> None:
     scripted, eager = Teacher(model), Teacher(create("resnet20", num_classes=10, in_channels=1), script=False)
     eager.model.load_state_dict(model.state_dict())
     scripted(torch.randn(8, 1, 8, 8))
-    assert scripted.graph is not None and eager(torch.randn(2, 1, 8, 8)) is not None and eager.graph is None
+    eager(torch.randn(2, 1, 8, 8))
+    assert scripted.graph is not None and eager.graph is None
     x = torch.randn(5, 1, 8, 8)
     assert torch.allclose(scripted(x), eager(x), atol=1e-4)
     noisy = Teacher(_Counting())

@@ -86,7 +86,7 @@ def test_a_recipes_distillation_weight_goes_with_the_teacher_and_to_post_hoc() -
     assert ft.distill_flags(args, Path("t"), {"lr": 0.02})[3] == "0.5" == str(ft.distill_weight(args))
 
 
-def test_post_hoc_is_tuned_over_the_recipes_learning_rates_and_reported() -> None:
+def test_post_hoc_is_tuned_over_learning_rates_around_the_previous_choice_and_reported() -> None:
     """(b)'s learning rates bracket the one the previous comparison chose (0.02); the report names the chosen
     one and each seed's."""
     lrs = sorted(ft.POSTHOC_LRS.values())
@@ -118,7 +118,6 @@ def test_timing_is_reused_only_for_the_recipe_it_timed(tmp_path: Path) -> None:
     assert ft.timed_recipe(path) == "lr05-r2-f4-p5"
     path.write_text("{not json")
     assert ft.timed_recipe(path) is None
-
 
 
 def test_committed_finetune_config_is_the_recipe_the_benchmark_chose() -> None:
