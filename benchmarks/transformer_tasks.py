@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import trp
 from benchmarks.textdata import Corpus, eval_windows, load_corpus, random_windows
 from trp.data import TensorData, load as load_data
-from trp.data.tensors import channel_stats
+from trp.data.batching import channel_stats
 from trp.sources import first_conv_to
 
 __all__ = ["VIT_SOURCE", "TaskSize", "Task", "CharGPT", "FloatTokens", "vit_task", "gpt_task", "carve_validation"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trp.data import Data, TensorData, crop_and_flip, load_digits_data
-from trp.data.tensors import check_batching, num_batches
+from trp.data.batching import check_batching, num_batches
 from trp.errors import TRPError
 
 def _labelled(n: int, pad: int = 4, flip: bool = True, size: int = 8) -> TensorData:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import shutil
 
 import pytest
 import torch
@@ -119,7 +120,7 @@ def test_an_uninstalled_onnxruntime_gives_a_reason(monkeypatch: pytest.MonkeyPat
 
 def test_compile_without_a_cxx_compiler_gives_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(runtimes.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert "C++ compiler" in str(runtimes.available()["compile"])
     assert runtimes.available()["eager"] is None
 

@@ -18,12 +18,11 @@ Example:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trp import conversions
 from trp.errors import TRPError
 from trp.validate import number
 
@@ -100,25 +99,25 @@ class Teacher:
         self.graph: torch.jit.ScriptModule | None = None  # the traced teacher, once the first batch has come
         self._try_script = bool(script)
 
-    def _trace(self, x: Tensor) -> torch.jit.ScriptModule | None:
-        """The teacher as an optimized frozen graph if it traces and agrees with eager mode on ``x``, else None."""
+    def _trace(self, x: Tensor) -> tuple[torch.jit.ScriptModule | None, Tensor]:
+        """The teacher as an optimized frozen graph if it traces and agrees with eager mode on ``x`` (else
+        None), and its output on ``x``: the graph's when it is kept (tracing, the graph and eager mode
+        run once each)."""
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TorchScript's deprecation notices and tracer warnings
-                graph = torch.jit.optimize_for_inference(torch.jit.freeze(
-                    torch.jit.trace(self.model, x, check_trace=False)))
-                same = torch.allclose(graph(x).float(), self.model(x).float(), rtol=1e-3, atol=1e-3)
-        except Exception:  # an op or a Python control flow the tracer cannot capture: eager mode
-            return None
-        return graph if same else None
+            graph = conversions.frozen_trace(self.model, x, optimize=True)
+            got, want = graph(x), self.model(x)
+            same = torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3)
+        except Exception:  # an op or a Python control flow the tracer cannot capture, a non-tensor output
+            return None, self.model(x)
+        return (graph, got) if same else (None, want)
 
     @torch.inference_mode()
     def __call__(self, x: Tensor) -> Tensor:
         # eval() again: a caller's model.train() on a containing module must not put BatchNorm in batch mode.
         self.model.eval()
-        if self._try_script:
+        if self._try_script and x.device.type == "cpu":
             self._try_script = False
-            if x.device.type == "cpu":
-                self.graph = self._trace(x)
-        out = (self.graph if self.graph is not None else self.model)(x)
+            self.graph, out = self._trace(x)
+        else:
+            out = (self.graph if self.graph is not None else self.model)(x)
         return out.clone()  # clone: a normal tensor, usable in the autograd graph of the student's loss

@@ -6,7 +6,7 @@ line prints ``trp: error: <message>`` and exits with status 2, with no traceback
 
 from __future__ import annotations
 
-__all__ = ["TRPError"]
+__all__ = ["TRPError", "first_line"]
 
 
 class TRPError(Exception):
@@ -19,3 +19,15 @@ class TRPError(Exception):
         ...     print(err)
         energy must be in (0, 1], got 1.5
     """
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty): what a
+    one-line error keeps of a library's long one.
+
+    Example:
+        >>> first_line(RuntimeError("shape mismatch\\n  at layer 3")), first_line(KeyError())
+        ('shape mismatch', 'KeyError')
+    """
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

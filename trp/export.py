@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from trp.checkpoint import find_file, is_trp_file
-from trp.errors import TRPError
+from trp.errors import TRPError, first_line
 from trp.io import atomic_write_bytes
 from trp.runs import RUN_FILES, check_writable
 from trp.saving import load_model
@@ -146,16 +146,11 @@ def _plain(model: nn.Module) -> nn.Module:
     return model
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _torchscript(model: nn.Module, x: torch.Tensor, out: Path) -> torch.Tensor:
     try:
         scripted = torch.jit.script(model)
     except Exception as err:  # TorchScript's compiler raises many types; one line for the user
-        raise TRPError(f"TorchScript cannot compile this model: {_first_line(err)}") from None
+        raise TRPError(f"TorchScript cannot compile this model: {first_line(err)}") from None
     # In memory first: torch.jit.save writing a file on a full disk terminates the interpreter.
     buf = io.BytesIO()
     torch.jit.save(scripted, buf)
@@ -173,7 +168,7 @@ def _onnx(model: nn.Module, x: torch.Tensor, out: Path) -> tuple[torch.Tensor | 
         torch.onnx.export(model, (x,), buf, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     except Exception as err:  # the exporter raises many types; one line for the user
-        raise TRPError(f"ONNX export failed: {_first_line(err)}") from None
+        raise TRPError(f"ONNX export failed: {first_line(err)}") from None
     atomic_write_bytes(out, buf.getvalue())
     try:
         import onnxruntime as ort

@@ -33,24 +33,19 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib.util
-import io
 import os
-import shutil
-import signal
 import statistics
-import threading
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from trp.errors import TRPError
+from trp import conversions
+from trp.conversions import Run
+from trp.errors import TRPError, first_line
 from trp.measure import benchmark_module
 from trp.tracing import first_embedding, sample_shape
 from trp.validate import choice, number, whole
@@ -65,131 +60,6 @@ COMPILE_TIMEOUT = 120.0
 # Loose on purpose: runtimes reorder float sums and fuse ops, a broken conversion is far off.
 RTOL, ATOL = 1e-3, 1e-3
 
-Run = Callable[[], Any]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _compile_check() -> str | None:
-    if not hasattr(torch, "compile"):
-        return "this torch has no torch.compile"
-    try:
-        import torch._dynamo as dynamo
-    except Exception as err:  # a broken install: say why rather than crash
-        return f"TorchDynamo does not import: {_first_line(err)}"
-    if not dynamo.is_dynamo_supported():
-        return "TorchDynamo does not support this Python"
-    if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
-        return "Inductor needs a C++ compiler (g++, c++ or clang++) on PATH"
-    return None
-
-
-def _ort_check() -> str | None:
-    for package in ("onnx", "onnxruntime"):
-        if importlib.util.find_spec(package) is None:
-            return f"{package} is not installed (pip install onnx onnxruntime onnxscript)"
-    import onnxruntime as ort
-
-    if "CPUExecutionProvider" not in ort.get_available_providers():
-        return "onnxruntime has no CPUExecutionProvider"
-    return None
-
-
-def _eager(model: nn.Module, x: Tensor, threads: int, timeout: float) -> Run:
-    return lambda: model(x)  # every prepare gets the eval-mode copy, the input, threads, compile time limit
-
-
-def _channels_last(model: nn.Module, x: Tensor, threads: int, timeout: float) -> Run:
-    if x.dim() != 4:
-        raise TRPError(f"channels_last needs a 4-D (N, C, H, W) input, got {x.dim()}-D")
-    model.to(memory_format=torch.channels_last)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    return lambda: model(xc)
-
-
-def _torchscript(model: nn.Module, x: Tensor, threads: int, timeout: float) -> Run:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated in favour of torch.compile; it still runs
-        frozen = torch.jit.freeze(torch.jit.trace(model, x))
-    return lambda: frozen(x)
-
-
-@contextlib.contextmanager
-def _deadline(seconds: float) -> Iterator[None]:
-    """Interrupt the block after ``seconds`` (SIGALRM; only in the main thread, else no limit here)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"did not compile within {seconds:g} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def _compile(model: nn.Module, x: Tensor, threads: int, timeout: float) -> Run:
-    import torch._dynamo as dynamo
-    import torch._inductor.compile_fx  # noqa: F401  imported before the alarm: an interrupted import stays broken
-
-    # Dynamo caches compiled code per forward() code object, shared by every instance of a class;
-    # past its recompile limit it would silently run eager. A reset gives each measurement its own.
-    dynamo.reset()
-    compiled = torch.compile(model, dynamic=False)
-    start = time.perf_counter()
-    try:
-        with _deadline(timeout), torch.inference_mode():
-            compiled(x)  # the first call compiles
-    except Exception as err:
-        dynamo.reset()
-        if time.perf_counter() - start >= timeout:
-            raise TRPError(f"did not compile within {timeout:g} s") from None
-        raise TRPError(f"torch.compile failed: {_first_line(err)}") from None
-    if time.perf_counter() - start > timeout:  # outside the main thread the alarm cannot interrupt
-        dynamo.reset()
-        raise TRPError(f"did not compile within {timeout:g} s")
-    return lambda: compiled(x)
-
-
-def _onnx_bytes(model: nn.Module, x: Tensor) -> bytes:
-    """The model as ONNX, exported in memory: the dynamo exporter, else the legacy one."""
-    errors = []
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice says nothing here
-        try:
-            return torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto.SerializeToString()
-        except Exception as err:  # onnxscript missing, an op torch.export cannot capture
-            errors.append(f"dynamo exporter: {_first_line(err)}")
-        try:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (x,), buf, dynamo=False)
-            return buf.getvalue()
-        except Exception as err:
-            errors.append(f"legacy exporter: {_first_line(err)}")
-    raise TRPError("ONNX export failed (" + "; ".join(errors) + ")")
-
-
-def _onnxruntime(model: nn.Module, x: Tensor, threads: int, timeout: float) -> Run:
-    import onnxruntime as ort
-
-    data = _onnx_bytes(model, x)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
-    return lambda: session.run(None, feed)[0]
 
 
 @dataclass(frozen=True)
@@ -218,11 +88,11 @@ class Runtime:
 
 #: Every runtime by name, in the order they are measured and listed.
 RUNTIMES: Mapping[str, Runtime] = {r.name: r for r in (
-    Runtime("eager", "PyTorch eager, contiguous", "contiguous", lambda: None, _eager),
-    Runtime("channels_last", "PyTorch eager, channels-last", "channels_last", lambda: None, _channels_last),
-    Runtime("torchscript", "TorchScript trace + freeze", "contiguous", lambda: None, _torchscript),
-    Runtime("compile", "torch.compile (Inductor)", "contiguous", _compile_check, _compile),
-    Runtime("onnxruntime", "ONNX Runtime, CPU", "contiguous", _ort_check, _onnxruntime, "onnxruntime"),
+    Runtime("eager", "PyTorch eager, contiguous", "contiguous", lambda: None, conversions.eager),
+    Runtime("channels_last", "PyTorch eager, channels-last", "channels_last", lambda: None, conversions.channels_last),
+    Runtime("torchscript", "TorchScript trace + freeze", "contiguous", lambda: None, conversions.torchscript),
+    Runtime("compile", "torch.compile (Inductor)", "contiguous", conversions.compile_check, conversions.torch_compile),
+    Runtime("onnxruntime", "ONNX Runtime, CPU", "contiguous", conversions.ort_check, conversions.onnxruntime, "onnxruntime"),
 )}
 
 
@@ -385,7 +255,7 @@ def measure(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, r
             with torch.inference_mode():
                 ref = work(x)
         except (RuntimeError, ValueError, IndexError) as err:
-            raise TRPError(f"the model cannot take input of shape {shape}: {_first_line(err)}") from None
+            raise TRPError(f"the model cannot take input of shape {shape}: {first_line(err)}") from None
         try:
             run = rt.prepare(work, x, threads, compile_timeout)
             with torch.inference_mode():
@@ -393,7 +263,7 @@ def measure(model: nn.Module, input_shape: Sequence[int], batch_size: int = 1, r
         except TRPError:
             raise
         except Exception as err:  # a conversion that fails is a reason, not a crash
-            raise TRPError(f"{rt.name}: {_first_line(err)}") from None
+            raise TRPError(f"{rt.name}: {first_line(err)}") from None
         _check_output(rt.name, out, ref)
         with torch.inference_mode():
             return time_call(run, threads, min_run_time)

@@ -1,10 +1,12 @@
 """Datasets by name: tensors augmented in whole batches, CIFAR pickles read safely, image folders checked.
 
-Four modules, each importing only :mod:`trp.data.tensors`:
+Five modules; the last four build on the first (directly or through :mod:`trp.data.tensors`) and on
+nothing else of the package:
 
-- :mod:`trp.data.tensors`: the :class:`Data` interface every dataset offers, :class:`TensorData` (a
-  whole dataset as ``uint8`` tensors, shuffled, sharded and augmented a batch at a time on its device,
-  reproducible from ``(seed, epoch)``), and scikit-learn's digits.
+- :mod:`trp.data.batching`: the :class:`Data` interface every dataset offers, seeded shuffles
+  reproducible from ``(seed, epoch)``, sharding across ranks, batch augmentation on the device.
+- :mod:`trp.data.tensors`: :class:`TensorData` (a whole dataset as ``uint8`` tensors, shuffled,
+  sharded and augmented a batch at a time on its device) and scikit-learn's digits.
 - :mod:`trp.data.cifar`: CIFAR-10/100 from the official batch files through a restricted unpickler
   that can only build numpy arrays, so a planted file cannot run code; optional download.
 - :mod:`trp.data.split`: a seeded, class-balanced validation split held out of the training images.
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from trp.data.batching import Data, crop_and_flip
 from trp.data.cifar import load_cifar
 from trp.data.folders import IMAGENET_MEAN, IMAGENET_STD, FolderData, load_image_folder
 from trp.data.split import hold_out
-from trp.data.tensors import Data, TensorData, crop_and_flip, load_digits_data
+from trp.data.tensors import TensorData, load_digits_data
 from trp.errors import TRPError
 from trp.validate import boolean
 

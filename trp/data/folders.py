@@ -1,8 +1,8 @@
 """ImageNet-style image folders: checked before training, decoded and augmented by DataLoader workers.
 
 ``train/<class>/*.jpg`` and ``val/<class>/*.jpg`` are too large for memory; :class:`FolderData` gives
-them the :class:`~trp.data.tensors.Data` interface through a :class:`torch.utils.data.DataLoader`,
-with the shuffling and sharding of :mod:`trp.data.tensors`.
+them the :class:`~trp.data.batching.Data` interface through a :class:`torch.utils.data.DataLoader`,
+with the shuffling and sharding of :mod:`trp.data.batching`.
 
 A bad file must not stop a run mid-epoch with a worker traceback. Before anything trains,
 :func:`load_image_folder` checks every file of both splits (:func:`check_image`: the header, PIL's
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import default_collate
 
-from trp.data.tensors import SEED_STRIDE, check_batching, chunks, epoch_generator, num_batches, train_shard
+from trp.data.batching import SEED_STRIDE, check_batching, chunks, epoch_generator, num_batches, train_shard
 from trp.errors import TRPError
 from trp.validate import boolean, whole
 
@@ -154,7 +154,7 @@ def _collate(items: list[Any]) -> tuple[Any, list[_BadImage]]:
 class FolderData:
     """An ImageNet-style folder dataset, decoded and augmented by DataLoader workers.
 
-    Offers the :class:`~trp.data.tensors.Data` interface. Training images get RandomResizedCrop and a
+    Offers the :class:`~trp.data.batching.Data` interface. Training images get RandomResizedCrop and a
     horizontal flip, test images Resize(size * 256 / 224) and CenterCrop; both are normalized with
     ImageNet statistics. Shuffling and sharding follow :class:`~trp.data.tensors.TensorData`. Worker
     RNGs are seeded from ``(seed, epoch, rank)``, so augmentation is reproducible when

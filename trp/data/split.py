@@ -24,7 +24,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from trp.data.tensors import TensorData, channel_stats
+from trp.data.batching import channel_stats
+from trp.data.tensors import TensorData
 from trp.errors import TRPError
 from trp.validate import number, whole
 
