@@ -73,6 +73,12 @@ def test_flags_and_in_use(tmp_path: Path) -> None:
     assert not ft.in_use(tmp_path / "missing") and not ft.in_use(tmp_path)
 
 
+def test_a_lone_candidate_needs_no_choice() -> None:
+    """One from-scratch recipe is run on every seed at once; two or more wait for the validation split."""
+    assert ft.lone(ft.SCRATCH_RECIPES) == "scratch" and ft.lone({"a": {}}) == "a"
+    assert ft.lone(ft.POSTHOC_LRS) is None and ft.lone([]) is None
+
+
 def test_a_recipes_distillation_weight_goes_with_the_teacher_and_to_post_hoc() -> None:
     """A recipe's distill_weight is a teacher flag (never a TRP flag); without one --distill-weight applies."""
     import argparse
