@@ -238,6 +238,35 @@ def test_compress_reports_every_runtime_and_best_against_best(digits_run, tmp_pa
     assert r["threads"] == torch.get_num_threads() and "predicted_ms_after" not in r
 
 
+def test_compress_timing_rounds_time_the_two_models_in_turn(digits_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A dense model timed while the machine was busy (its first round at 2x) passes for a speed-up in one
+    round; with 3 rounds the models take turns (dense, compressed | compressed, dense | dense, compressed)
+    and each keeps its fastest, so the reported speed-up is the unloaded one."""
+    from trp import runtimes as rt
+    from trp.compress import compress
+
+    order: list[str] = []
+
+    def fake(model, shape, batch=1, runtime="eager", threads=None, min_run_time=0.3, compile_timeout=120.0):  # type: ignore[no-untyped-def]
+        kind = "compressed" if sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 21 else "dense"
+        if batch == 1:
+            order.append(kind)
+        return (5.0 if kind == "compressed" else 20.0 if order.count("dense") == 1 else 10.0) * batch / 8
+
+    monkeypatch.setattr(rt, "measure", fake)
+    kw = dict(latency_batch=8, check_latency=False, log=lambda s: None, runtimes=("eager",))
+    one = compress(digits_run, tmp_path / "one", "energy:0.9", **kw)
+    assert order == ["dense", "compressed"] and one["best_speedup_b8"] == pytest.approx(4.0)
+    assert one["timing_rounds"] == 1
+    order.clear()
+    three = compress(digits_run, tmp_path / "three", "energy:0.9", timing_rounds=3, **kw)
+    assert order == ["dense", "compressed", "compressed", "dense", "dense", "compressed"]
+    assert three["best_speedup_b8"] == pytest.approx(2.0) and three["latency_ms_before"] == 10.0
+    assert three["timing_rounds"] == 3
+    with pytest.raises(TRPError, match=r"^timing rounds must be >= 1, got 0$"):
+        compress(digits_run, tmp_path / "zero", "energy:0.9", timing_rounds=0, **kw)
+
+
 def test_compress_with_a_latency_budget_predicts_beside_the_measured(digits_run, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """rank latency:S plans on the latency model in the layer runtime; the report holds predicted and measured ms;
     a second compression on the same cache times no layer."""

@@ -115,12 +115,7 @@ def interleaved(models: Mapping[str, nn.Module], input_shape: Sequence[int], rou
             if log is not None:
                 log(f"round {r + 1}/{rounds}: {key}")
             t = bench_model(models[key], input_shape, log=log, **opts)
-            if key not in best:
-                best[key] = t
-                continue
-            for name, by_batch in t.items():
-                for b, ms in by_batch.items():
-                    best[key].setdefault(name, {})[b] = min(ms, best[key].get(name, {}).get(b, float("inf")))
+            best[key] = best[key].fastest(t) if key in best else t
     return {key: best[key] for key in keys}
 
 

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layer-runtime", help="runtime of the per-layer check and of latency:S (default: the dense "
                    "model's fastest, torch.compile aside)")
     c.add_argument("--compile-timeout", type=NUMBER, default=runtimes.COMPILE_TIMEOUT, metavar="SECONDS")
+    c.add_argument("--timing-rounds", type=WHOLE, default=1, help="rounds of timing the dense and compressed models, "
+                   "after the first in alternating order, each keeping its fastest (default 1)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     c.add_argument("--trust", action="store_true", help="accept a model file without trp's checksum")
@@ -276,7 +278,7 @@ def _compress(args: argparse.Namespace) -> int:
     report = compress(args.run, args.out, args.rank, args.scheme, args.finetune, args.finetune_lr, args.data_dir,
                       args.latency_batch, not args.no_latency_check, args.overwrite, trust=args.trust,
                       runtimes=runtimes.parse_list(args.runtimes), layer_runtime=args.layer_runtime,
-                      compile_timeout=args.compile_timeout,
+                      compile_timeout=args.compile_timeout, timing_rounds=args.timing_rounds,
                       log=(lambda line: print(line, file=sys.stderr)) if args.json else print)  # stdout: the JSON alone
     if args.json:
         print(json.dumps(report, indent=1))

@@ -36,7 +36,7 @@ from torch import nn
 from trp import rank as rank_mod
 from trp import runtimes as rt
 from trp import schemes
-from trp.bench import bench_model, speedups
+from trp.bench import bench_model, interleaved, speedups
 from trp.bn import fold_bn_
 from trp.checkpoint import MODEL_FILE
 from trp.data import load as load_data
@@ -272,7 +272,7 @@ def _timings(model: nn.Module, spec: ModelSpec, batches: Sequence[int], opts: di
 
 def _report(run: str | Path, criterion: Any, scheme: str, accs: tuple[float, float], before: tuple[Any, rt.Timings],
             after: tuple[Any, rt.Timings], latency_batch: int, device: torch.device, finetune_epochs: int,
-            p: Plan, target: Target, predicted: dict) -> dict:
+            p: Plan, target: Target, predicted: dict, timing_rounds: int = 1) -> dict:
     (acc_before, acc_after), (prof_before, t_dense), (prof_after, t_low) = accs, before, after
     (dense_ms, dense_fmt), (low_ms, low_fmt) = _eager(t_dense, latency_batch), _eager(t_low, latency_batch)
     batches = sorted({1, latency_batch})
@@ -291,8 +291,9 @@ def _report(run: str | Path, criterion: Any, scheme: str, accs: tuple[float, flo
         **speedups(t_dense, t_low, batches), "threads": t_low.threads,
         "layer_check_runtime": target.runtime,
         "latency_note": ("both models with BatchNorm folded into the convs, eval mode, random-normal input; median of "
-                         "timed blocks; latency_ms_*: PyTorch eager in the faster memory format; best_*: every runtime "
-                         "of 'runtimes', each model in its own fastest"),
+                         "timed blocks, the fastest of timing_rounds rounds; latency_ms_*: PyTorch eager in the faster "
+                         "memory format; best_*: every runtime of 'runtimes', each model in its own fastest"),
+        "timing_rounds": timing_rounds,
         "params_note": "both counts with BatchNorm folded into the convs",
         "finetune_epochs": finetune_epochs,
         "layers_decomposed": sum(lp.decomposed for lp in p.layers),
@@ -324,6 +325,7 @@ def compress(
     compile_timeout: float = rt.COMPILE_TIMEOUT,
     cache_dir: str | None = None,
     timer: Timer | None = None,
+    timing_rounds: int = 1,
 ) -> dict:
     """Decompose a trained run (or model) and write the compressed model and its report.
 
@@ -354,6 +356,11 @@ def compress(
         compile_timeout: Seconds ``torch.compile`` may take for a model's first call.
         cache_dir: Folder of the latency model's cache (default :func:`trp.latency_model.cache_dir`).
         timer: A scripted layer timer (``timer(module, input_shape, batch) -> ms``; tests).
+        timing_rounds: Rounds of whole-model timing. The dense model is timed before planning (its
+            fastest runtime picks the layer runtime), the compressed one after; with more rounds the
+            two are then timed in turn, the order alternating (:func:`trp.bench.interleaved`), each
+            keeping per runtime and batch its fastest, so that a change of the machine's load between
+            the two timings does not pass for a speed-up or hide one.
 
     Returns:
         The report dict (also written to ``out/report.json``).
@@ -375,6 +382,7 @@ def compress(
     opts = {"runtimes": None if runtimes is None else tuple(rt.get(name).name for name in runtimes),
             "min_run_time": number(min_run_time, "min_run_time", low=0.0, low_open=True),
             "compile_timeout": number(compile_timeout, "compile timeout", low=0.0, low_open=True)}
+    timing_rounds = whole(timing_rounds, "timing rounds", low=1)
     if layer_runtime is not None:
         layer_runtime = rt.get(layer_runtime).name
     if scheme is not None:
@@ -392,7 +400,6 @@ def compress(
         dense_ref = copy.deepcopy(model.eval())
         fold_bn_(dense_ref)  # counted and timed like the result, with BatchNorm folded (MACs are the same either way)
         before = _timings(dense_ref, spec, batches, opts, "dense", log)
-        del dense_ref
         target = layer_target(before[1], latency_batch, layer_runtime, min_run_time / 3, cache_dir, timer)
         if isinstance(rank, str) and isinstance(plan_rank, Latency):  # measured where the model will run
             plan_rank = replace(plan_rank, batch_size=latency_batch, runtime=target.runtime, cache_dir=cache_dir,
@@ -409,8 +416,14 @@ def compress(
             spec = _fold(model.eval(), spec)
         acc_after, _ = evaluate(model, data)
         after = _timings(model, spec, batches, opts, "compressed", log)
+        if timing_rounds > 1:  # rounds 2.. in turn, compressed first: the dense model's first round came first
+            more = interleaved({"compressed": model, "dense": dense_ref}, spec.input_shape, timing_rounds - 1,
+                               log=lambda line: log("  " + line), batch_sizes=batches, **opts)
+            before = (before[0], before[1].fastest(more["dense"]))
+            after = (after[0], after[1].fastest(more["compressed"]))
+        del dense_ref
         report = _report(run, criterion, scheme, (acc_before, acc_after), before, after, latency_batch, device,
-                         finetune_epochs, p, target, predicted)
+                         finetune_epochs, p, target, predicted, timing_rounds)
         clear_run(out)  # with overwrite: nothing of what trp wrote there before stays beside the new model
         save_model(out / MODEL_FILE, model, spec, extra={"source": str(run), "config": config})
         p.to_json(out / "plan.json")

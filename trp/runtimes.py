@@ -308,6 +308,24 @@ class Timings(dict):
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise TRPError(f"not a timings record ({type(err).__name__}: {err})") from None
 
+    def fastest(self, other: "Timings") -> "Timings":
+        """Per runtime and batch the faster of two measurements of one model (rounds of a timing); a
+        runtime skipped in one and timed in the other counts as timed.
+
+        Example:
+            >>> a = Timings({"eager": {1: 2.0, 8: 9.0}}, {"onnxruntime": "failed"}, threads=1)
+            >>> b = Timings({"eager": {1: 3.0, 8: 8.0}, "onnxruntime": {1: 1.0}}, threads=1)
+            >>> t = a.fastest(b)
+            >>> dict(t), t.skipped
+            ({'eager': {1: 2.0, 8: 8.0}, 'onnxruntime': {1: 1.0}}, {})
+        """
+        ms = {name: dict(by_batch) for name, by_batch in self.items()}
+        for name, by_batch in other.items():
+            for b, t in by_batch.items():
+                ms.setdefault(name, {})[b] = min(t, ms.get(name, {}).get(b, float("inf")))
+        skipped = {k: v for k, v in {**other.skipped, **self.skipped}.items() if k not in ms}
+        return Timings(ms, skipped, self.threads, self.input_shape)
+
     def to_dict(self) -> dict:
         """JSON-ready: ``{"threads", "input_shape", "ms": {runtime: {"batch": ms}}, "skipped", "versions"}``."""
         return {"threads": self.threads, "input_shape": list(self.input_shape),
