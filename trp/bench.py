@@ -248,8 +248,8 @@ def report_text(report: dict) -> str:
         lines.append(rt.table(rt.Timings.from_dict(runs["compressed"]), rt.Timings.from_dict(runs["dense"])))
     if report.get("predicted_ms_after") is not None:
         measured = report.get("measured_ms_after")
-        lines.append(f"{report['rank']} predicted {report['predicted_ms_after']:.3f} ms in {report['predicted_runtime']} at "
-                     f"batch {report['predicted_batch_size']}, measured "
+        lines.append(f"{report['rank']} predicted {report['predicted_ms_after']:.3f} ms in "
+                     f"{report['predicted_runtime']} at batch {report['predicted_batch_size']}, measured "
                      + ("not measured there" if measured is None else f"{measured:.3f} ms "
                         f"({100 * report['predicted_error']:+.1f}%)"))
     lines.append(summary(report))

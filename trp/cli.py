@@ -42,7 +42,8 @@ __all__ = ["main", "build_parser"]
 NUMBER, WHOLE = argtype(number), argtype(whole)
 # Train flags that map one to one onto TrainConfig fields.
 TRAIN_KEYS = ("model", "model_kwargs", "dataset", "data_dir", "download", "skip_bad_images", "method", "scheme",
-              "layers", "energy", "energy_ramp", "speedup", "freeze", "period", "nuclear", "orth", "sparsity", "epochs", "lr",
+              "layers", "energy", "energy_ramp", "speedup", "freeze", "period", "nuclear", "orth", "sparsity", "epochs",
+              "lr",
               "momentum", "weight_decay", "batch_size", "schedule", "seed", "device", "amp", "init", "teacher",
               "distill_weight", "distill_temperature", "val_split", "latency_speedup", "latency_runtime",
               "latency_batch")
@@ -99,9 +100,10 @@ def _add_train(sub: Any) -> None:
                    ".safetensors file or a torch.save'd state_dict (read with weights_only=True); shapes must match")
     t.add_argument("--teacher", metavar="SOURCE", help="distil from this trained model (the same kinds of source as "
                    "--init; a trp folder may hold any architecture)")
-    t.add_argument("--distill-weight", type=NUMBER, metavar="W", help="W in [0, 1]: loss = (1-W)·CE + W·T²·KL(teacher || student) "
-                   "(default 0.5)")
-    t.add_argument("--distill-temperature", type=NUMBER, metavar="T", help="T > 0, the soft targets' temperature (default 4)")
+    t.add_argument("--distill-weight", type=NUMBER, metavar="W",
+                   help="W in [0, 1]: loss = (1-W)·CE + W·T²·KL(teacher || student) (default 0.5)")
+    t.add_argument("--distill-temperature", type=NUMBER, metavar="T",
+                   help="T > 0, the soft targets' temperature (default 4)")
     t.add_argument("--val-split", type=NUMBER, metavar="F", help="hold out a seeded, class-balanced fraction F of "
                    "the training images for validation; every epoch reports it, the test split is evaluated once "
                    "at the end")
@@ -109,7 +111,8 @@ def _add_train(sub: Any) -> None:
                    "in measured time (a per-layer latency table timed on this machine) instead of --speedup")
     t.add_argument("--latency-runtime", metavar="NAME", help=f"the runtime --latency-speedup is timed in: "
                    f"{', '.join(runtimes.names())} (default eager)")
-    t.add_argument("--latency-batch", type=WHOLE, metavar="N", help="the batch size --latency-speedup is timed at (default 128)")
+    t.add_argument("--latency-batch", type=WHOLE, metavar="N",
+                   help="the batch size --latency-speedup is timed at (default 128)")
     t.add_argument("--out", help="run folder (required unless --resume)")
     t.add_argument("--resume", metavar="RUN", help="continue RUN from its last completed epoch "
                    "(other flags must agree with the run, except --epochs, --device, --data-dir, and --teacher if it "
@@ -264,13 +267,16 @@ def _print_summary(s: dict) -> None:
 
 def _report_table(r: dict) -> str:
     rows = [
-        ("accuracy (%)", f"{r['acc_before']:.2f}", f"{r['acc_after']:.2f}", f"{r['acc_after'] - r['acc_before']:+.2f} pt"),
+        ("accuracy (%)", f"{r['acc_before']:.2f}", f"{r['acc_after']:.2f}",
+         f"{r['acc_after'] - r['acc_before']:+.2f} pt"),
         ("MACs", f"{r['macs_before']:,}", f"{r['macs_after']:,}", f"{r['flops_speedup']:.2f}x fewer"),
-        ("params", f"{r['params_before']:,}", f"{r['params_after']:,}", f"{r['params_before'] / max(r['params_after'], 1):.2f}x fewer"),
+        ("params", f"{r['params_before']:,}", f"{r['params_after']:,}",
+         f"{r['params_before'] / max(r['params_after'], 1):.2f}x fewer"),
         (f"latency b{r['latency_batch_size']} (ms)", f"{r['latency_ms_before']:.3f}", f"{r['latency_ms_after']:.3f}",
          f"{r['latency_speedup']:.2f}x faster"),
     ]
-    lines = [f"{'':<20} {'before':>14} {'after':>14}  change", *(f"{a:<20} {b:>14} {c:>14}  {d}" for a, b, c, d in rows)]
+    lines = [f"{'':<20} {'before':>14} {'after':>14}  change",
+             *(f"{a:<20} {b:>14} {c:>14}  {d}" for a, b, c, d in rows)]
     return "\n".join(lines)
 
 
@@ -336,8 +342,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"train": _train, "compress": _compress, "eval": _eval, "report": _report, "export": _export, "bench": _bench,
-             "demo": _demo}
+_COMMANDS = {"train": _train, "compress": _compress, "eval": _eval, "report": _report, "export": _export,
+             "bench": _bench, "demo": _demo}
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -14,8 +14,9 @@ model's best runtime and the speed-up of the compressed model in *its* best runt
 model in *its* best (``best_speedup_b1`` / ``best_speedup_bN``). The per-layer check and a
 ``latency:S`` budget time layers on a :class:`trp.latency_model.Target` in the dense model's best
 runtime at the latency batch (torch.compile aside: compiling every layer at every rank takes
-minutes), through the latency model's cache, so a second compression on the machine times no layer. The folder written holds ``model.safetensors`` (weights
-plus the spec, whose transforms record the BN folding and the plan, so ``trp.load`` rebuilds it
+minutes), through the latency model's cache, so a second compression on the machine times no layer.
+The folder written holds ``model.safetensors`` (weights plus the spec, whose transforms record the
+BN folding and the plan, so ``trp.load`` rebuilds it
 without pickles), ``plan.json`` and ``report.json``; with ``overwrite``, nothing else trp wrote
 there before stays.
 """
@@ -67,7 +68,8 @@ LAYER_EXCLUDED = ("compile",)
 MAX_LATENCY_BATCH = 65536
 
 
-def best_latency(model: nn.Module, input_shape: list[int], batch_size: int, min_run_time: float = 0.3) -> tuple[float, str]:
+def best_latency(model: nn.Module, input_shape: list[int], batch_size: int,
+                 min_run_time: float = 0.3) -> tuple[float, str]:
     """The faster of contiguous and channels-last execution: (milliseconds, format name).
 
     Example:
@@ -78,7 +80,8 @@ def best_latency(model: nn.Module, input_shape: list[int], batch_size: int, min_
     results = {"contiguous": latency_ms(model, input_shape, batch_size, min_run_time=min_run_time)}
     if len(input_shape) == 3:
         cl = model.to(memory_format=torch.channels_last)
-        results["channels_last"] = latency_ms(cl, input_shape, batch_size, min_run_time=min_run_time, channels_last=True)
+        results["channels_last"] = latency_ms(cl, input_shape, batch_size, min_run_time=min_run_time,
+                                              channels_last=True)
         model.to(memory_format=torch.contiguous_format)
     fmt = min(results, key=results.get)
     return results[fmt], fmt
@@ -96,8 +99,8 @@ def keep_faster(model: nn.Module, plan: Plan, batch_size: int, min_run_time: flo
     rounds). Times go through the latency model's cache (:func:`trp.latency_model.time_forms`), so
     ranks already timed by a ``latency:S`` budget, or by an earlier compression on this machine,
     are not timed again; the target's rounds time the dense and the decomposed form in turn, each
-    keeping its fastest, so a slow spell of a shared machine rarely decides a layer's fate. The decomposed forms are timed
-    untrained (no SVD is taken here; the values do not change the time).
+    keeping its fastest, so a slow spell of a shared machine rarely decides a layer's fate. The
+    decomposed forms are timed untrained (no SVD is taken here; the values do not change the time).
 
     Example:
         >>> import tempfile, trp
@@ -143,7 +146,8 @@ def finetune(model: nn.Module, data: Any, epochs: int, lr: float, batch_size: in
     loop = Loop(model, make_optimizer(model, lr, 0.9, 1e-4, norm_decay=1e-4), data, batch_size, seed)
     steps = loop.steps_per_epoch
     for epoch in range(epochs):
-        stats = loop.epoch(epoch, lambda step: cosine_lr(lr, epoch * steps + step, epochs * steps), order=10_000 + epoch)
+        stats = loop.epoch(epoch, lambda step: cosine_lr(lr, epoch * steps + step, epochs * steps),
+                           order=10_000 + epoch)
         log(f"fine-tune epoch {epoch + 1}/{epochs}  loss {stats.loss:.4f}")
     model.eval()
 
@@ -266,7 +270,8 @@ def _timings(model: nn.Module, spec: ModelSpec, batches: Sequence[int], opts: di
     log(f"timing the {what} model in {', '.join(opts['runtimes'] or rt.defaults())} at batch "
         f"{', '.join(map(str, batches))}")
     t = bench_model(model, spec.input_shape, batches, opts["runtimes"], min_run_time=opts["min_run_time"],
-                    compile_timeout=opts["compile_timeout"], log=lambda line: log("  " + line), what=f"the {what} model")
+                    compile_timeout=opts["compile_timeout"], log=lambda line: log("  " + line),
+                    what=f"the {what} model")
     return profile(model, spec.input_shape), t
 
 
@@ -302,7 +307,8 @@ def _report(run: str | Path, criterion: Any, scheme: str, accs: tuple[float, flo
     if predicted:
         measured = t_low.get(predicted["predicted_runtime"], {}).get(predicted["predicted_batch_size"])
         report.update(predicted, measured_ms_after=None if measured is None else round(measured, 4),
-                      predicted_error=None if measured is None else round(predicted["predicted_ms_after"] / measured - 1, 4))
+                      predicted_error=None if measured is None
+                      else round(predicted["predicted_ms_after"] / measured - 1, 4))
     return report
 
 
@@ -412,7 +418,8 @@ def compress(
                                         target, log)
         _warn_if_degenerate(criterion, p)
         if finetune_epochs:
-            finetune(model, data, finetune_epochs, finetune_lr, config.get("batch_size", 128), config.get("seed", 0), log)
+            finetune(model, data, finetune_epochs, finetune_lr, config.get("batch_size", 128), config.get("seed", 0),
+                     log)
             spec = _fold(model.eval(), spec)
         acc_after, _ = evaluate(model, data)
         after = _timings(model, spec, batches, opts, "compressed", log)

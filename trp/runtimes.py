@@ -50,8 +50,8 @@ from trp.measure import benchmark_module
 from trp.tracing import first_embedding, sample_shape
 from trp.validate import choice, number, whole
 
-__all__ = ["Runtime", "RUNTIMES", "SEED", "COMPILE_TIMEOUT", "Timings", "names", "get", "defaults", "parse_list", "available",
-           "example_input", "time_call", "measure", "measure_all", "best", "table"]
+__all__ = ["Runtime", "RUNTIMES", "SEED", "COMPILE_TIMEOUT", "Timings", "names", "get", "defaults", "parse_list",
+           "available", "example_input", "time_call", "measure", "measure_all", "best", "table"]
 
 #: Seed of the random-normal inputs every runtime is timed (and checked) on.
 SEED = 0
@@ -92,7 +92,8 @@ RUNTIMES: Mapping[str, Runtime] = {r.name: r for r in (
     Runtime("channels_last", "PyTorch eager, channels-last", "channels_last", lambda: None, conversions.channels_last),
     Runtime("torchscript", "TorchScript trace + freeze", "contiguous", lambda: None, conversions.torchscript),
     Runtime("compile", "torch.compile (Inductor)", "contiguous", conversions.compile_check, conversions.torch_compile),
-    Runtime("onnxruntime", "ONNX Runtime, CPU", "contiguous", conversions.ort_check, conversions.onnxruntime, "onnxruntime"),
+    Runtime("onnxruntime", "ONNX Runtime, CPU", "contiguous", conversions.ort_check, conversions.onnxruntime,
+            "onnxruntime"),
 )}
 
 
