@@ -79,6 +79,14 @@ def test_a_lone_candidate_needs_no_choice() -> None:
     assert ft.lone(ft.POSTHOC_LRS) is None and ft.lone([]) is None
 
 
+def test_a_post_hoc_model_made_for_other_macs_is_refused(tmp_path: Path) -> None:
+    """The post-hoc folder is per seed: one left by an (a) of other MACs stops the benchmark, not compared silently."""
+    (tmp_path / "posthoc.json").write_text('{"macs": 1000, "macs_dense": 3000, "criterion": "speedup:3"}')
+    assert ft.posthoc_model(None, tmp_path / "baseline", tmp_path, 1005, 0)["macs"] == 1000  # within 1 %: reused
+    with pytest.raises(RuntimeError, match="has 1000 MACs, \\(a\\) 1200"):
+        ft.posthoc_model(None, tmp_path / "baseline", tmp_path, 1200, 0)
+
+
 def test_a_recipes_distillation_weight_goes_with_the_teacher_and_to_post_hoc() -> None:
     """A recipe's distill_weight is a teacher flag (never a TRP flag); without one --distill-weight applies."""
     import argparse
