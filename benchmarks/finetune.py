@@ -15,6 +15,8 @@ For each seed, side by side (``--jobs`` one-thread ``python -m trp train`` subpr
    on the ``--tune-seeds``; the best mean validation accuracy is chosen and run on every seed.
 
 (a) and (b) train ``--ft-epochs`` epochs (default 10, what the issue allows).
+   ``dense-ft`` (d), a reference: the baseline itself fine-tuned the same way, not compressed (the
+   learning rate chosen as (b)'s), the ceiling of what the extra epochs and the distillation give.
 5. ``trp-NAME`` (c): TRP + nuclear from scratch with distillation from the baseline for
    ``--scratch-speedup``, each recipe of :data:`SCRATCH_RECIPES` (the committed from-scratch recipe:
    30 epochs, ramp 8, freeze 14, λ 1e-3, projection every 20 steps) on the ``--tune-seeds``, the
@@ -86,6 +88,9 @@ SCRATCH_RECIPES: dict[str, dict[str, Any]] = {"scratch": SCRATCH}
 #: is compared with (b) at its best, not at (a)'s setting. The previous comparison chose 0.02 over
 #: 0.05 (FINETUNE.md), so the rates bracket 0.02. Run folders are ``posthoc-ft-<name>``.
 POSTHOC_LRS: dict[str, float] = {f"lr{lr:g}": lr for lr in (0.01, 0.02, 0.05)}
+#: The reference (d), the uncompressed baseline fine-tuned like (b), is tuned over the same rates. Run
+#: folders are ``dense-ft-<name>``.
+DENSE_FT_LRS: dict[str, float] = POSTHOC_LRS
 
 
 def lone(candidates: Iterable[str]) -> str | None:
@@ -349,6 +354,20 @@ def run_all(bench: Bench) -> dict[int, dict]:
         doc = ph_tuned[(s, name)].result() if (s, name) in ph_tuned else posthoc_run(s, name)
         return {"info": ph_models[s].result(), "lr": name, "doc": doc}
 
+    def dense_ft_run(s: int, name: str) -> dict:
+        recipe = FT_RECIPES[ft_futures[s].result()["recipe"]]  # (a)'s distillation
+        return bench.train(s, f"dense-ft-{name}", {"method": "baseline", "epochs": args.ft_epochs,
+                                                    "lr": DENSE_FT_LRS[name]},
+                           ["--init", str(bench.run_dir(s, "baseline")), *teacher(s, recipe)], 4)
+
+    def dense_ft_chosen() -> tuple[str, dict[str, float]]:
+        return best(df_tuned, DENSE_FT_LRS)
+
+    def dense_ft(s: int) -> dict:
+        name = lone(DENSE_FT_LRS) or dense_ft_chosen()[0]
+        doc = df_tuned[(s, name)].result() if (s, name) in df_tuned else dense_ft_run(s, name)
+        return {"lr": name, "doc": doc}
+
     def scratch_run(s: int, name: str) -> dict:
         # From scratch comes last: every seed's (a) and (b) first (a slot freed by a finished baseline
         # would otherwise go to a scratch run before the fine-tuning that waits on that baseline asks).
@@ -371,7 +390,7 @@ def run_all(bench: Bench) -> dict[int, dict]:
     def timing() -> dict | None:
         """The epoch-time comparison as a job of its own, last: with every training run finished it has the
         machine to itself (timed beside a training job on the other core it measured up to 0.05x more)."""
-        for f in [*ft_futures.values(), *ph_futures.values(), *sc_futures.values()]:
+        for f in [*ft_futures.values(), *ph_futures.values(), *sc_futures.values(), *df_futures.values()]:
             with contextlib.suppress(Exception):
                 f.result()
         path, name = Path(args.out) / "timing.json", chosen()[0]
@@ -391,6 +410,9 @@ def run_all(bench: Bench) -> dict[int, dict]:
     sc_tuned = ({(s, n): pool.submit(scratch_run, s, n) for s in args.tune_seeds for n in SCRATCH_RECIPES}
                 if not args.skip_scratch else {})
     sc_futures = {s: pool.submit(scratch, s) for s in args.seeds} if not args.skip_scratch else {}
+    df_tuned = ({(s, n): pool.submit(dense_ft_run, s, n) for s in args.tune_seeds for n in DENSE_FT_LRS}
+                if not args.skip_reference else {})
+    df_futures = {s: pool.submit(dense_ft, s) for s in args.seeds} if not args.skip_reference else {}
     timing_future = pool.submit(timing)
     def got(future: Any) -> Any:
         try:
@@ -403,9 +425,9 @@ def run_all(bench: Bench) -> dict[int, dict]:
         out[s] = {"baseline": base[s].result(), "tune": {n: tuned[(s, n)].result() for n in FT_RECIPES
                                                          if (s, n) in tuned},
                   "trp-ft": got(ft_futures[s]), "posthoc-ft": got(ph_futures[s]),
-                  "trp-scratch": got(sc_futures.get(s))}
+                  "trp-scratch": got(sc_futures.get(s)), "dense-ft": got(df_futures.get(s))}
     out[-1] = {"chosen": chosen(), "scratch_chosen": scratch_chosen() if sc_tuned else None,
-               "posthoc_chosen": posthoc_chosen(),
+               "posthoc_chosen": posthoc_chosen(), "dense_ft_chosen": dense_ft_chosen() if df_tuned else None,
                "timing": timing_future.result()}
     pool.shutdown()
     return out
@@ -423,7 +445,7 @@ def _compressed(arm: dict, dense: int) -> dict:
 def seed_figures(raw: dict) -> dict:
     """One seed's measurements from its runs' config.json and compress reports (arms not run are left out)."""
     base = raw["baseline"]["final_test"]
-    ft, ph, sc = raw["trp-ft"], raw["posthoc-ft"], raw["trp-scratch"]
+    ft, ph, sc, df = raw["trp-ft"], raw["posthoc-ft"], raw["trp-scratch"], raw.get("dense-ft")
     dense = (ft or sc or {"report": {"macs_before": None}})["report"]["macs_before"]
     fig: dict[str, Any] = {
         "baseline": {"val_acc": base["val_acc"], "test_acc": base["test_acc"], "macs": dense, "macs_speedup": 1.0},
@@ -437,6 +459,10 @@ def seed_figures(raw: dict) -> dict:
                              "rank": ph["info"]["criterion"], "lr": ph["lr"]}
     if sc is not None:
         fig["trp-scratch"] = {"recipe": sc["recipe"], **_compressed(sc, dense)}
+    if df is not None:
+        final = df["doc"]["final_test"]
+        fig["dense-ft"] = {"val_acc": final["val_acc"], "test_acc": final["test_acc"], "macs": dense,
+                           "macs_speedup": 1.0, "lr": df["lr"]}
     return fig
 
 
@@ -514,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timing-rounds", type=int, default=5)
     p.add_argument("--timing-only", metavar="RECIPE", help="only time the epochs of RECIPE (a job of the benchmark)")
     p.add_argument("--skip-scratch", action="store_true")
+    p.add_argument("--skip-reference", action="store_true", help="leave out (d), the uncompressed baseline fine-tuned")
     p.add_argument("--deadline", help="UTC time HH:MM after which no new training run starts (those left are "
                    "reported as not run)")
     p.add_argument("--base-epochs", type=int, default=30,
@@ -544,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = run_all(bench)
     extra = raw.pop(-1)
     chosen, scratch_chosen, timing = extra["chosen"], extra["scratch_chosen"], extra["timing"]
-    posthoc_chosen = extra["posthoc_chosen"]
+    posthoc_chosen, dense_ft_chosen = extra["posthoc_chosen"], extra["dense_ft_chosen"]
     per_seed = {s: seed_figures(r) for s, r in raw.items()}
     summary = summarize(per_seed)
     import torch
@@ -554,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
                        "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_run": args.threads},
            "settings": {k: v for k, v in vars(args).items()}, "recipes": FT_RECIPES, "baseline_recipe": BASELINE,
            "scratch_recipes": SCRATCH_RECIPES, "chosen": chosen, "scratch_chosen": scratch_chosen,
-           "posthoc_lrs": POSTHOC_LRS, "posthoc_chosen": posthoc_chosen, "per_seed": per_seed, "summary": summary,
+           "posthoc_lrs": POSTHOC_LRS, "posthoc_chosen": posthoc_chosen, "dense_ft_lrs": DENSE_FT_LRS,
+           "dense_ft_chosen": dense_ft_chosen, "per_seed": per_seed, "summary": summary,
            "timing": timing,
            "wall_s": round(time.perf_counter() - bench.t0, 1)}
     doc["targets"] = targets(summary, timing)

@@ -14,10 +14,11 @@ import statistics
 __all__ = ["ARMS", "LABELS", "markdown", "spread", "summarize", "targets"]
 
 
-ARMS = ("baseline", "trp-ft", "posthoc-ft", "trp-scratch")
+ARMS = ("baseline", "trp-ft", "posthoc-ft", "trp-scratch", "dense-ft")
 LABELS = {"baseline": "dense baseline (30 epochs)", "trp-ft": "(a) TRP fine-tuning + distillation, decomposed",
           "posthoc-ft": "(b) post-hoc SVD + fine-tuning + distillation",
-          "trp-scratch": "(c) TRP from scratch + distillation"}
+          "trp-scratch": "(c) TRP from scratch + distillation",
+          "dense-ft": "(d) reference: the baseline fine-tuned like (b), not compressed"}
 
 
 def spread(values: list[float]) -> dict:
@@ -114,7 +115,9 @@ def markdown(doc: dict) -> str:
     choices = [("chosen", doc["recipes"], lambda n, r: f"`{n}` {json.dumps(r)}"),
                ("scratch_chosen", doc.get("scratch_recipes", {}),
                 lambda n, r: f"from scratch `{n}` (period {r['period']})"),
-               ("posthoc_chosen", doc.get("posthoc_lrs", {}), lambda n, lr: f"post hoc (b) fine-tuned at lr {lr:g}")]
+               ("posthoc_chosen", doc.get("posthoc_lrs", {}), lambda n, lr: f"post hoc (b) fine-tuned at lr {lr:g}"),
+               ("dense_ft_chosen", doc.get("dense_ft_lrs", {}),
+                lambda n, lr: f"reference (d), the dense baseline fine-tuned at lr {lr:g}")]
     for key, candidates, describe in choices:
         if doc.get(key):
             chosen, vals = doc[key]

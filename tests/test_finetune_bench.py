@@ -122,6 +122,27 @@ def test_post_hoc_is_tuned_over_learning_rates_around_the_previous_choice_and_re
     assert "| 0 | posthoc-ft | 40.00 | 62.00 | 3.10x | speedup:3.1, lr0.02 |" in text
 
 
+def test_the_uncompressed_reference_is_reported_beside_the_arms() -> None:
+    """(d), the baseline fine-tuned like (b) without compression, gets its own row at 1x MACs and its own choice."""
+    final = {"epoch": 10, "val_acc": 67.0, "test_acc": 66.0}
+    report_ = {"acc_before": 65.0, "acc_after": 65.0, "macs_before": 300, "macs_after": 100, "rank": "value:1e-3",
+               "layers_decomposed": 18}
+    raw = {"baseline": {"final_test": {"val_acc": 64.0, "test_acc": 65.5}}, "tune": {},
+           "trp-ft": {"recipe": "r", "doc": {"final_test": {"val_acc": 66.0}}, "report": report_},
+           "posthoc-ft": None, "trp-scratch": None, "dense-ft": {"lr": "lr0.02", "doc": {"final_test": final}}}
+    fig = ft.seed_figures(raw)
+    assert fig["dense-ft"] == {"val_acc": 67.0, "test_acc": 66.0, "macs": 300, "macs_speedup": 1.0, "lr": "lr0.02"}
+    assert "dense-ft" not in ft.seed_figures({**raw, "dense-ft": None})
+    summary = report.summarize({0: fig, 1: fig})
+    doc = {"name": "t", "command": "c", "wall_s": 60.0, "machine": {"cpu": "x", "cores": 2, "torch": "2"},
+           "settings": {"jobs": 2, "seeds": [0, 1], "tune_seeds": [0, 1]}, "summary": summary,
+           "per_seed": {0: fig, 1: fig}, "recipes": {}, "dense_ft_lrs": ft.DENSE_FT_LRS,
+           "dense_ft_chosen": ["lr0.02", {n: 60.0 for n in ft.DENSE_FT_LRS}], "targets": report.targets(summary, None)}
+    text = report.markdown(doc)
+    assert "| (d) reference: the baseline fine-tuned like (b), not compressed | 67.00 ± 0.00 | 66.00 ± 0.00" in text
+    assert "reference (d), the dense baseline fine-tuned at lr 0.02: mean val acc 60.00% (seeds 0, 1)  **chosen**" in text
+
+
 def test_timing_is_reused_only_for_the_recipe_it_timed(tmp_path: Path) -> None:
     """timing.json names its recipe; a missing file, an unreadable one, or one without a recipe names none."""
     path = tmp_path / "timing.json"
