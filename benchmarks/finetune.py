@@ -15,8 +15,9 @@ For each seed, side by side (``--jobs`` one-thread ``python -m trp train`` subpr
    on the ``--tune-seeds``; the best mean validation accuracy is chosen and run on every seed.
 
 (a) and (b) train ``--ft-epochs`` epochs (default 10, what the issue allows).
-   ``dense-ft`` (d), a reference: the baseline itself fine-tuned the same way, not compressed (the
-   learning rate chosen as (b)'s), the ceiling of what the extra epochs and the distillation give.
+   ``dense-ft`` (d), a reference: the baseline itself fine-tuned the same way, not compressed (its
+   learning rate chosen on the validation split like (b)'s), the ceiling of what the extra epochs and
+   the distillation give.
 5. ``trp-NAME`` (c): TRP + nuclear from scratch with distillation from the baseline for
    ``--scratch-speedup``, each recipe of :data:`SCRATCH_RECIPES` (the committed from-scratch recipe:
    30 epochs, ramp 8, freeze 14, λ 1e-3, projection every 20 steps) on the ``--tune-seeds``, the
