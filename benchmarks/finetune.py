@@ -304,7 +304,8 @@ def timed_recipe(path: Path) -> str | None:
 def run_all(bench: Bench) -> dict[int, dict]:
     """Every run of every seed as threads waiting on what they need; jobs go through the priority slots."""
     args = bench.args
-    # Priorities: 0 baselines, 1 tuning, 2 the chosen fine-tuning and its decompositions, 3 post hoc, 4 scratch.
+    # Priorities: 0 baselines, 1 tuning, 2 the chosen fine-tuning and its decompositions, 3 post hoc, 4 scratch
+    # and the reference (d).
     pool = ThreadPoolExecutor(max_workers=16 * len(args.seeds) + 16)
     base = {s: pool.submit(bench.train, s, "baseline", BASELINE, (), 0) for s in args.seeds}
 
@@ -312,9 +313,9 @@ def run_all(bench: Bench) -> dict[int, dict]:
         base[s].result()
         return distill_flags(args, bench.run_dir(s, "baseline"), recipe)
 
-    def tune(s: int, name: str) -> dict:
+    def tune(s: int, name: str, priority: int = 1) -> dict:
         return bench.train(s, f"tune-{name}", ft_settings(args, FT_RECIPES[name]),
-                           ["--init", str(bench.run_dir(s, "baseline")), *teacher(s, FT_RECIPES[name])], 1)
+                           ["--init", str(bench.run_dir(s, "baseline")), *teacher(s, FT_RECIPES[name])], priority)
 
     tuned = {(s, n): pool.submit(tune, s, n) for s in args.tune_seeds for n in FT_RECIPES}
 
@@ -324,14 +325,17 @@ def run_all(bench: Bench) -> dict[int, dict]:
                 for n in names}
         return max(vals, key=lambda n: vals[n]), vals
 
+    def final(s: int, candidates: Iterable[str], runs: dict[tuple[int, str], Any], run: Any) -> tuple[str, dict]:
+        """The candidate chosen on validation (or the lone one) and its run on seed ``s``: the tuning run where
+        ``s`` is a tune seed, else ``run(s, name)``."""
+        name = lone(candidates) or best(runs, candidates)[0]
+        return name, runs[(s, name)].result() if (s, name) in runs else run(s, name)
+
     def chosen() -> tuple[str, dict[str, float]]:
         return best(tuned, FT_RECIPES)
 
     def trp_ft(s: int) -> dict:
-        name = lone(FT_RECIPES) or chosen()[0]
-        doc = tuned[(s, name)].result() if (s, name) in tuned else bench.train(
-            s, f"tune-{name}", ft_settings(args, FT_RECIPES[name]), ["--init", str(bench.run_dir(s, "baseline")),
-                                                                     *teacher(s, FT_RECIPES[name])], 2)
+        name, doc = final(s, FT_RECIPES, tuned, lambda s, name: tune(s, name, 2))
         report = compress_run(bench, bench.run_dir(s, f"tune-{name}"), bench.run_dir(s, f"compressed-{name}"),
                               args.rank)
         return {"recipe": name, "doc": doc, "report": report}
@@ -340,33 +344,31 @@ def run_all(bench: Bench) -> dict[int, dict]:
         return posthoc_model(bench, bench.run_dir(s, "baseline"), bench.run_dir(s, "posthoc-model"),
                              ft_futures[s].result()["report"]["macs_after"], s)
 
+    def plain_ft(s: int, run: str, init: str, lr: float, priority: int) -> dict:
+        """Fine-tuning without TRP (SGD and (a)'s distillation, (a)'s epochs) from seed ``s``'s folder ``init``."""
+        recipe = FT_RECIPES[ft_futures[s].result()["recipe"]]  # (a)'s distillation
+        return bench.train(s, run, {"method": "baseline", "epochs": args.ft_epochs, "lr": lr},
+                           ["--init", str(bench.run_dir(s, init)), *teacher(s, recipe)], priority)
+
     def posthoc_run(s: int, name: str) -> dict:
         ph_models[s].result()
-        recipe = FT_RECIPES[ft_futures[s].result()["recipe"]]  # (a)'s distillation
-        return bench.train(s, f"posthoc-ft-{name}", {"method": "baseline", "epochs": args.ft_epochs,
-                                                      "lr": POSTHOC_LRS[name]},
-                           ["--init", str(bench.run_dir(s, "posthoc-model")), *teacher(s, recipe)], 3)
+        return plain_ft(s, f"posthoc-ft-{name}", "posthoc-model", POSTHOC_LRS[name], 3)
 
     def posthoc_chosen() -> tuple[str, dict[str, float]]:
         return best(ph_tuned, POSTHOC_LRS)
 
     def posthoc(s: int) -> dict:
-        name = lone(POSTHOC_LRS) or posthoc_chosen()[0]
-        doc = ph_tuned[(s, name)].result() if (s, name) in ph_tuned else posthoc_run(s, name)
+        name, doc = final(s, POSTHOC_LRS, ph_tuned, posthoc_run)
         return {"info": ph_models[s].result(), "lr": name, "doc": doc}
 
     def dense_ft_run(s: int, name: str) -> dict:
-        recipe = FT_RECIPES[ft_futures[s].result()["recipe"]]  # (a)'s distillation
-        return bench.train(s, f"dense-ft-{name}", {"method": "baseline", "epochs": args.ft_epochs,
-                                                    "lr": DENSE_FT_LRS[name]},
-                           ["--init", str(bench.run_dir(s, "baseline")), *teacher(s, recipe)], 4)
+        return plain_ft(s, f"dense-ft-{name}", "baseline", DENSE_FT_LRS[name], 4)
 
     def dense_ft_chosen() -> tuple[str, dict[str, float]]:
         return best(df_tuned, DENSE_FT_LRS)
 
     def dense_ft(s: int) -> dict:
-        name = lone(DENSE_FT_LRS) or dense_ft_chosen()[0]
-        doc = df_tuned[(s, name)].result() if (s, name) in df_tuned else dense_ft_run(s, name)
+        name, doc = final(s, DENSE_FT_LRS, df_tuned, dense_ft_run)
         return {"lr": name, "doc": doc}
 
     def scratch_run(s: int, name: str) -> dict:
@@ -382,8 +384,7 @@ def run_all(bench: Bench) -> dict[int, dict]:
         return best(sc_tuned, SCRATCH_RECIPES)
 
     def scratch(s: int) -> dict:
-        name = lone(SCRATCH_RECIPES) or scratch_chosen()[0]
-        doc = sc_tuned[(s, name)].result() if (s, name) in sc_tuned else scratch_run(s, name)
+        name, doc = final(s, SCRATCH_RECIPES, sc_tuned, scratch_run)
         report = compress_run(bench, bench.run_dir(s, f"trp-{name}"), bench.run_dir(s, f"compressed-{name}"),
                               args.rank)
         return {"recipe": name, "doc": doc, "report": report}
