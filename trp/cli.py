@@ -43,8 +43,7 @@ NUMBER, WHOLE = argtype(number), argtype(whole)
 # Train flags that map one to one onto TrainConfig fields.
 TRAIN_KEYS = ("model", "model_kwargs", "dataset", "data_dir", "download", "skip_bad_images", "method", "scheme",
               "layers", "energy", "energy_ramp", "speedup", "freeze", "period", "nuclear", "orth", "sparsity", "epochs",
-              "lr",
-              "momentum", "weight_decay", "batch_size", "schedule", "seed", "device", "amp", "init", "teacher",
+              "lr", "momentum", "weight_decay", "batch_size", "schedule", "seed", "device", "amp", "init", "teacher",
               "distill_weight", "distill_temperature", "val_split", "latency_speedup", "latency_runtime",
               "latency_batch")
 _TRP_ROOT = str(Path(__file__).resolve().parent)

@@ -16,9 +16,8 @@ model in *its* best (``best_speedup_b1`` / ``best_speedup_bN``). The per-layer c
 runtime at the latency batch (torch.compile aside: compiling every layer at every rank takes
 minutes), through the latency model's cache, so a second compression on the machine times no layer.
 The folder written holds ``model.safetensors`` (weights plus the spec, whose transforms record the
-BN folding and the plan, so ``trp.load`` rebuilds it
-without pickles), ``plan.json`` and ``report.json``; with ``overwrite``, nothing else trp wrote
-there before stays.
+BN folding and the plan, so ``trp.load`` rebuilds it without pickles), ``plan.json`` and
+``report.json``; with ``overwrite``, nothing else trp wrote there before stays.
 """
 
 from __future__ import annotations
